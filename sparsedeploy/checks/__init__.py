@@ -1,0 +1,2 @@
+"""On-target checks: quality (perplexity, KL divergence, top-1 agreement) and, with the
+build pipeline, latency."""

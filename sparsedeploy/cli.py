@@ -1,0 +1,184 @@
+"""The `sparsedeploy` command line. Thin: parse, call the pipeline, print.
+
+`--json` prints exactly one JSON document on stdout; progress and logs go to stderr.
+Exit codes: 0 ok, 1 a gate failed, 2 bad input, 3 target cannot run here, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sparsedeploy import __version__
+from sparsedeploy.errors import Interrupted, SparsedeployError
+from sparsedeploy.ui import stderr
+
+app = typer.Typer(
+    name="sparsedeploy",
+    help="Prune an LLM checkpoint, build it for a sparse inference engine, and check on the target that it is faster and still good.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+stdout = Console(width=None if sys.stdout.isatty() else 160)
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+
+
+def _print_json(document) -> None:
+    sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+@app.command("eval")
+def eval_command(
+    checkpoint: Annotated[str, typer.Argument(help="`default` or a local Hugging Face directory.")],
+    data: Annotated[str, typer.Option(help="Evaluation text source.")] = "wikitext2",
+    seqlen: Annotated[int, typer.Option(help="Tokens per window.")] = 1024,
+    windows: Annotated[int, typer.Option(help="Number of windows (the first N of the text).")] = 40,
+    json_output: JsonFlag = False,
+) -> None:
+    """Perplexity of a checkpoint on a fixed, stated protocol."""
+    from sparsedeploy.data.sources import load_text
+    from sparsedeploy.models.checkpoint import load_model, load_tokenizer, resolve_checkpoint
+
+    started = time.perf_counter()
+    source = load_text(data)
+    resolved = resolve_checkpoint(checkpoint)
+    _quiet_libraries()
+    from sparsedeploy.checks.quality import evaluate, torch_logits_fn
+    from sparsedeploy.data.windows import evaluation_windows, tokenize
+
+    tokenizer = load_tokenizer(resolved)
+    token_windows = evaluation_windows(tokenize(tokenizer, source), seqlen, windows, source.name)
+    model = load_model(resolved)
+    result = evaluate(torch_logits_fn(model), token_windows, description=f"eval {source.name}")
+    document = {
+        "ppl": result.ppl,
+        "data": source.describe(),
+        "seqlen": seqlen,
+        "windows": windows,
+        "tokens": result.tokens,
+        "mean_nll": result.mean_nll,
+        "checkpoint": str(resolved.path),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    if json_output:
+        _print_json(document)
+    else:
+        stdout.print(
+            f"perplexity {result.ppl:.4f} on {source.name} ({windows} windows x {seqlen} tokens, "
+            f"{result.tokens} predicted tokens) in {document['seconds']} s"
+        )
+
+
+@app.command("inspect")
+def inspect_command(
+    checkpoint: Annotated[str, typer.Argument(help="`default` or a local Hugging Face directory.")],
+    json_output: JsonFlag = False,
+) -> None:
+    """Parameters, per-layer sparsity and N:M compliance, NaN/Inf weights."""
+    from sparsedeploy.errors import BadInput
+    from sparsedeploy.models.checkpoint import resolve_checkpoint
+    from sparsedeploy.models.inspection import inspect_checkpoint
+
+    resolved = resolve_checkpoint(checkpoint)
+    _quiet_libraries()
+    report = inspect_checkpoint(resolved)
+    if json_output:
+        _print_json(report)
+    else:
+        _print_inspection(report)
+    nonfinite = report["nonfinite"]
+    if nonfinite["tensors"]:
+        raise BadInput(
+            f"'{report['path']}' has {nonfinite['values']} NaN/Inf weights in {nonfinite['tensors']} tensors "
+            f"(first: {nonfinite['first']}); the checkpoint is corrupt: re-create it from its source"
+        )
+
+
+def _print_inspection(report: dict) -> None:
+    geometry = report["geometry"]
+    stdout.print(
+        f"[bold]{report['architecture']}[/] {report['path']}\n"
+        f"{report['parameters']:,} parameters, {report['decoder_layers']} decoder layers, "
+        f"hidden {geometry['hidden_size']}, heads {geometry['num_heads']} (kv {geometry['num_kv_heads']}), "
+        f"ffn {geometry['intermediate_size']}\n"
+        f"sparsity of decoder linears {report['total_sparsity']:.2%}, pattern {report['pattern']}"
+    )
+    table = Table("layer", "role", "shape", "sparsity", "2:4", "4:8", "NaN/Inf")
+    for layer in report["layers"]:
+        table.add_row(
+            layer["name"],
+            layer["role"],
+            "x".join(map(str, layer["shape"])),
+            f"{layer['sparsity']:.2%}",
+            f"{layer['nm_compliance']['2:4']:.3f}",
+            f"{layer['nm_compliance']['4:8']:.3f}",
+            str(layer["nonfinite"]),
+        )
+    stdout.print(table)
+
+
+@app.command("targets")
+def targets_command(json_output: JsonFlag = False) -> None:
+    """The target profiles, and whether each can run on this machine (and why not)."""
+    from sparsedeploy.targets import describe_targets
+
+    targets = describe_targets()
+    if json_output:
+        _print_json(targets)
+        return
+    table = Table("target", "backend", "device", "precisions", "patterns", "available here")
+    for target in targets:
+        status = "[green]yes[/]" if target["available"] else "[red]no[/]"
+        table.add_row(
+            target["name"],
+            target["backend"],
+            target["device"],
+            ", ".join(target["precisions"]),
+            ", ".join(target["patterns"]),
+            f"{status}: {target['reason']}",
+        )
+    stdout.print(table)
+
+
+@app.command("version")
+def version_command() -> None:
+    """Print the tool's version."""
+    stdout.print(f"sparsedeploy {__version__}")
+
+
+def _interrupt(signum, frame) -> None:
+    raise Interrupted("interrupted; nothing half-written was left behind")
+
+
+def main() -> None:
+    # Ctrl-C raises our own error, not KeyboardInterrupt, so that the CLI library does
+    # not turn it into exit 1; `finally` blocks still clean up temporary output.
+    signal.signal(signal.SIGINT, _interrupt)
+    try:
+        app(prog_name="sparsedeploy")  # usage errors exit 2 inside the CLI library
+    except SparsedeployError as error:
+        stderr.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        sys.exit(error.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -11,7 +11,8 @@ import os
 import signal
 import sys
 import time
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -85,6 +86,56 @@ def eval_command(
         stdout.print(
             f"perplexity {result.ppl:.4f} on {source.name} ({windows} windows x {seqlen} tokens, "
             f"{result.tokens} predicted tokens) in {document['seconds']} s"
+        )
+
+
+@app.command("prune")
+def prune_command(
+    checkpoint: Annotated[str, typer.Argument(help="`default` or a local Hugging Face directory.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Directory for the pruned checkpoint.")],
+    method: Annotated[str, typer.Option(help="magnitude, wanda or sparsegpt.")] = "wanda",
+    sparsity: Annotated[Optional[float], typer.Option(help="Unstructured sparsity, e.g. 0.5.")] = None,
+    pattern: Annotated[Optional[str], typer.Option(help="N:M pattern along the input dimension: 2:4 or 4:8.")] = None,
+    owl: Annotated[bool, typer.Option("--owl", help="Outlier-weighted per-layer sparsity (unstructured only).")] = False,
+    calib: Annotated[str, typer.Option(help="Calibration text source (never the evaluation text).")] = "canterbury",
+    nsamples: Annotated[int, typer.Option(help="Calibration samples.")] = 64,
+    seqlen: Annotated[int, typer.Option(help="Tokens per calibration sample.")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed of the calibration sample offsets.")] = 0,
+    exclude: Annotated[Optional[list[str]], typer.Option(help="Glob of linear sublayers to leave dense, e.g. '*down_proj' (repeatable).")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda: where each layer is calibrated.")] = "cpu",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
+    json_output: JsonFlag = False,
+) -> None:
+    """Prune a checkpoint layer by layer; writes a Hugging Face checkpoint plus sparsity.json."""
+    from sparsedeploy.atomic import check_output_dir
+    from sparsedeploy.models.checkpoint import resolve_checkpoint
+    from sparsedeploy.prune.methods import SparsityTarget, get_method
+    from sparsedeploy.prune.patterns import parse_nm
+    from sparsedeploy.prune.run import Calibration, PruneRequest, prune_checkpoint
+
+    target = SparsityTarget(sparsity=sparsity, pattern=parse_nm(pattern) if pattern else None)
+    pruning_method = get_method(method)
+    resolved = resolve_checkpoint(checkpoint)
+    destination = check_output_dir(output, force, inputs=(resolved.path,))
+    _quiet_libraries()
+    request = PruneRequest(
+        checkpoint=resolved,
+        output=destination,
+        method=pruning_method,
+        target=target,
+        calibration=Calibration(calib, nsamples, seqlen, seed),
+        owl=owl,
+        exclude=tuple(exclude or ()),
+        device=device,
+    )
+    document = prune_checkpoint(request)
+    if json_output:
+        _print_json({"path": str(destination), **document})
+    else:
+        measured = document["measured"]
+        stdout.print(
+            f"wrote {destination}: {document['method']} {document['pattern']}, sparsity {measured['total_sparsity']:.2%} "
+            f"of decoder linears, 2:4 compliance {measured['nm_compliance']['2:4']:.3f}, in {document['seconds']} s"
         )
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+EXPECTED_ROLES_ALL = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "phi3", "opt", "gpt_neox"]
+
 TINY = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
 
 

@@ -32,11 +32,12 @@ def inferred_pattern(layers: list[dict], total_sparsity: float) -> str:
     return "unstructured"
 
 
-def inspect_model(checkpoint: Checkpoint, model: torch.nn.Module) -> dict:
-    adapter = adapter_for(model)
+def measure_linear_sublayers(model: torch.nn.Module) -> tuple[list[dict], float]:
+    """Per decoder linear sublayer: shape, exact-zero sparsity, N:M compliance, NaN/Inf;
+    and the sparsity over all of them together."""
     layers = []
     zeros = total = 0
-    for linear in adapter.linear_sublayers():
+    for linear in adapter_for(model).linear_sublayers():
         weight = linear.module.weight.detach()
         layer_zeros = int((weight == 0).sum())
         zeros += layer_zeros
@@ -51,7 +52,12 @@ def inspect_model(checkpoint: Checkpoint, model: torch.nn.Module) -> dict:
                 "nonfinite": int((~torch.isfinite(weight)).sum()),
             }
         )
-    total_sparsity = zeros / total if total else 0.0
+    return layers, (zeros / total if total else 0.0)
+
+
+def inspect_model(checkpoint: Checkpoint, model: torch.nn.Module) -> dict:
+    adapter = adapter_for(model)
+    layers, total_sparsity = measure_linear_sublayers(model)
     recorded = _recorded_sparsity(checkpoint)
     geometry = adapter.geometry()
     nonfinite = nonfinite_tensors(model)

@@ -24,8 +24,8 @@ def check_output_dir(output: Path, force: bool, inputs: tuple[Path, ...] = ()) -
         raise BadInput(f"output '{output}' already exists; choose another -o or pass --force to replace it")
     if output.exists() and not output.is_dir():
         raise BadInput(f"output '{output}' is a file; choose a directory path for -o")
-    if not output.parent.is_dir():
-        raise BadInput(f"the parent directory of '{output}' does not exist; create it first")
+    if output.parent.exists() and not output.parent.is_dir():
+        raise BadInput(f"'{output.parent}' is a file, so '{output}' cannot be created; choose another -o")
     return output
 
 
@@ -33,6 +33,7 @@ def check_output_dir(output: Path, force: bool, inputs: tuple[Path, ...] = ()) -
 def staged_directory(output: Path) -> Iterator[Path]:
     """Yield an empty staging directory; on success it replaces ``output`` (an existing
     one only after the new one is complete); on any error or Ctrl-C it is removed."""
+    output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     try:
         yield staging

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -50,9 +51,22 @@ def save_checkpoint(model, directory: Path) -> Path:
 
 @pytest.fixture
 def tiny_checkpoint(tmp_path) -> Path:
-    """A tiny Llama checkpoint with the default model's tokenizer (its vocab is larger
-    than the tiny embedding, so only ids < 256 may be fed; tests use token windows)."""
+    """A tiny Llama checkpoint without a tokenizer (vocab 256): for tests that feed token ids."""
     return save_checkpoint(make_tiny_model("llama"), tmp_path / "tiny-llama")
+
+
+@pytest.fixture
+def tokenized_tiny_checkpoint(tmp_path, default_checkpoint):
+    """A tiny Llama whose vocabulary matches the default model's tokenizer."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    path = save_checkpoint(AutoModelForCausalLM.from_config(config), tmp_path / "tiny")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_checkpoint.path / name, path / name)
+    return path
 
 
 @pytest.fixture(scope="session")

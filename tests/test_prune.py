@@ -2,8 +2,6 @@
 model, every method hits its pattern exactly, and `prune` writes a loadable checkpoint."""
 
 import json
-import shutil
-
 import pytest
 import torch
 
@@ -90,20 +88,6 @@ def test_owl_gives_non_uniform_layers_with_the_same_mean():
     # Wanda prunes floor(in_features * s) per row: up to 1/in_features (1/64 here) below s.
     for got, wanted in zip(measured, per_layer):
         assert wanted - 1 / 64 <= got <= wanted
-
-
-@pytest.fixture
-def tokenized_tiny_checkpoint(tmp_path, default_checkpoint):
-    """A tiny Llama whose vocabulary matches the default model's tokenizer."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    path = save_checkpoint(AutoModelForCausalLM.from_config(config), tmp_path / "tiny")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(default_checkpoint.path / name, path / name)
-    return path
 
 
 def test_prune_cli_writes_a_loadable_checkpoint_and_never_touches_the_input(tokenized_tiny_checkpoint, tmp_path):

@@ -40,8 +40,8 @@ demo: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_eval.py
-	$(BIN)/python benchmarks/bench_prune_memory.py
-	$(BIN)/python benchmarks/bench_prune_quality.py
+	$(BIN)/python benchmarks/prune_memory.py
+	$(BIN)/python benchmarks/prune_quality.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -102,6 +102,10 @@ def prune_command(
     seqlen: Annotated[int, typer.Option(help="Tokens per calibration sample.")] = 512,
     seed: Annotated[int, typer.Option(help="Seed of the calibration sample offsets.")] = 0,
     exclude: Annotated[Optional[list[str]], typer.Option(help="Glob of linear sublayers to leave dense, e.g. '*down_proj' (repeatable).")] = None,
+    structured: Annotated[Optional[str], typer.Option(help="depth (whole decoder layers) or width (heads, FFN channels): shapes really shrink.")] = None,
+    drop: Annotated[int, typer.Option(help="--structured depth: decoder layers to remove.")] = 0,
+    heads: Annotated[float, typer.Option(help="--structured width: share of attention head groups to remove.")] = 0.0,
+    ffn: Annotated[float, typer.Option(help="--structured width: share of FFN channels to remove.")] = 0.0,
     device: Annotated[str, typer.Option(help="cpu or cuda: where each layer is calibrated.")] = "cpu",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
     json_output: JsonFlag = False,
@@ -111,10 +115,18 @@ def prune_command(
     from sparsedeploy.models.checkpoint import resolve_checkpoint
     from sparsedeploy.prune.methods import SparsityTarget, get_method
     from sparsedeploy.prune.patterns import parse_nm
-    from sparsedeploy.prune.run import Calibration, PruneRequest, prune_checkpoint
+    from sparsedeploy.errors import BadInput
+    from sparsedeploy.prune.run import Calibration, PruneRequest, Structured, prune_checkpoint
 
-    target = SparsityTarget(sparsity=sparsity, pattern=parse_nm(pattern) if pattern else None)
-    pruning_method = get_method(method)
+    if structured is not None:
+        if sparsity is not None or pattern is not None:
+            raise BadInput("choose --sparsity/--pattern or --structured, not both (prune twice to combine them)")
+        shape = Structured(structured, drop, heads, ffn)
+        target, pruning_method = None, None
+    else:
+        shape = None
+        target = SparsityTarget(sparsity=sparsity, pattern=parse_nm(pattern) if pattern else None)
+        pruning_method = get_method(method)
     resolved = resolve_checkpoint(checkpoint)
     destination = check_output_dir(output, force, inputs=(resolved.path,))
     _quiet_libraries()
@@ -123,6 +135,7 @@ def prune_command(
         output=destination,
         method=pruning_method,
         target=target,
+        structured=shape,
         calibration=Calibration(calib, nsamples, seqlen, seed),
         owl=owl,
         exclude=tuple(exclude or ()),
@@ -134,8 +147,9 @@ def prune_command(
     else:
         measured = document["measured"]
         stdout.print(
-            f"wrote {destination}: {document['method']} {document['pattern']}, sparsity {measured['total_sparsity']:.2%} "
-            f"of decoder linears, 2:4 compliance {measured['nm_compliance']['2:4']:.3f}, in {document['seconds']} s"
+            f"wrote {destination}: {document['method']} {document['pattern']}, {measured['parameters']:,} parameters, "
+            f"sparsity {measured['total_sparsity']:.2%} of decoder linears, "
+            f"2:4 compliance {measured['nm_compliance']['2:4']:.3f}, in {document['seconds']} s"
         )
 
 

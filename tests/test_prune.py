@@ -149,3 +149,38 @@ def test_force_replaces_an_existing_output(tokenized_tiny_checkpoint, tmp_path):
     result = run_cli("prune", str(tokenized_tiny_checkpoint), "-o", str(output), "--method", "magnitude", "--pattern", "4:8", "--force")
     assert result.returncode == 0, result.stderr
     assert not (output / "old.txt").exists() and (output / "sparsity.json").is_file()
+
+
+@pytest.mark.parametrize("arguments, layers, heads", [
+    (["--structured", "depth", "--drop", "1"], 1, 4),
+    (["--structured", "width", "--heads", "0.5", "--ffn", "0.25"], 2, 2),
+])
+def test_structured_prune_cli_shrinks_and_loads(tokenized_tiny_checkpoint, tmp_path, arguments, layers, heads):
+    from transformers import AutoModelForCausalLM
+
+    output = tmp_path / "shrunk"
+    result = run_cli("prune", str(tokenized_tiny_checkpoint), "-o", str(output), *arguments, "--nsamples", "4", "--seqlen", "32", "--json")
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["pattern"] == "structured" and document["structured"]["kind"] == arguments[1]
+    assert document["measured"]["parameters"] < document["structured"]["parameters"]["before"]
+    model = AutoModelForCausalLM.from_pretrained(output)
+    assert model.config.num_hidden_layers == layers and model.config.num_attention_heads == heads
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_structured_bad_requests(tokenized_tiny_checkpoint, tmp_path):
+    source = str(tokenized_tiny_checkpoint)
+    for arguments, needle in [
+        (["--structured", "depth"], "--drop N"),
+        (["--structured", "depth", "--drop", "2"], "drop"),
+        (["--structured", "width"], "--heads F"),
+        (["--structured", "sideways", "--drop", "1"], "unknown"),
+        (["--structured", "depth", "--drop", "1", "--pattern", "2:4"], "not both"),
+    ]:
+        result = run_cli("prune", source, "-o", str(tmp_path / "x"), *arguments, "--nsamples", "2", "--seqlen", "16")
+        assert result.returncode == 2, (arguments, result.stderr)
+        assert needle in result.stderr, (arguments, result.stderr)
+    assert not (tmp_path / "x").exists()

@@ -53,8 +53,9 @@ def default_checkpoint_dir() -> Path:
 
 
 def _source_fingerprint(gguf: Path) -> dict:
-    stat = gguf.stat()
-    return {"path": str(gguf), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    """What identifies the source: its content, not where this environment installed it
+    (several virtual environments share one cache)."""
+    return {"file": gguf.name, "bytes": gguf.stat().st_size, "sha256": sha256_file(gguf)}
 
 
 def ensure_default_checkpoint() -> Path:
@@ -107,7 +108,6 @@ def _convert(gguf: Path, target: Path) -> None:
             "licence": "Apache-2.0",
             "distribution": SOURCE_DISTRIBUTION,
             "source": _source_fingerprint(gguf),
-            "source_sha256": sha256_file(gguf),
             "converted_with": {"transformers": transformers.__version__},
             "dtype": "float32",
             "checkpoint_sha256": checkpoint_sha256(staging),

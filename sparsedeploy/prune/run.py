@@ -18,12 +18,13 @@ from sparsedeploy.data.windows import calibration_windows, tokenize
 from sparsedeploy.errors import BadInput
 from sparsedeploy.models.adapters import ArchitectureAdapter, LinearSublayer, adapter_for
 from sparsedeploy.models.checkpoint import Checkpoint, checkpoint_sha256, load_model, load_tokenizer
-from sparsedeploy.models.inspection import SPARSITY_FILE, measure_linear_sublayers
+from sparsedeploy.models.inspection import SPARSITY_FILE, measure_linear_sublayers, unique_parameter_count
 from sparsedeploy.prune.masks import check_nm_shape
 from sparsedeploy.prune.methods import InputSquareNorms, PruningMethod, SparsityTarget
 from sparsedeploy.prune.owl import DEFAULT_LAMBDA, DEFAULT_THRESHOLD_M, outlier_ratio, owl_layer_sparsities
 from sparsedeploy.prune.patterns import nm_compliance
 from sparsedeploy.prune.scores import wanda_scores
+from sparsedeploy.prune.structured import check_width_supported, prune_depth, prune_width
 from sparsedeploy.prune.sequential import LayerInputs, calibrate_layer, capture_first_layer_inputs, run_layer
 from sparsedeploy.ui import info, progress_iter
 
@@ -39,15 +40,42 @@ class Calibration:
 
 
 @dataclass(frozen=True)
+class Structured:
+    """Structured pruning: drop whole decoder layers, or heads and FFN channels."""
+
+    kind: str  # "depth" or "width"
+    drop: int = 0  # depth: decoder layers to remove
+    heads: float = 0.0  # width: share of attention head groups to remove
+    ffn: float = 0.0  # width: share of FFN channels to remove
+
+    def __post_init__(self):
+        if self.kind not in ("depth", "width"):
+            raise BadInput(f"--structured {self.kind} is unknown; use --structured depth --drop N or --structured width --heads F --ffn F")
+        if self.kind == "depth" and self.drop < 1:
+            raise BadInput("--structured depth needs --drop N with N >= 1 decoder layers to remove")
+        if self.kind == "width" and not (self.heads > 0 or self.ffn > 0):
+            raise BadInput("--structured width needs --heads F and/or --ffn F, the shares to remove (e.g. --ffn 0.25)")
+
+
+@dataclass(frozen=True)
 class PruneRequest:
     checkpoint: Checkpoint
     output: Path
-    method: PruningMethod
-    target: SparsityTarget
+    method: PruningMethod | None = None
+    target: SparsityTarget | None = None
+    structured: Structured | None = None
     calibration: Calibration = field(default_factory=Calibration)
     owl: bool = False
     exclude: tuple[str, ...] = ()
     device: str = "cpu"
+
+    @property
+    def calibrated(self) -> bool:
+        return self.structured is not None or self.owl or self.method.calibrated
+
+    @property
+    def label(self) -> str:
+        return "structured" if self.structured else self.target.label
 
 
 def selected_linears(adapter: ArchitectureAdapter, layer_index: int, exclude: tuple[str, ...]) -> list[LinearSublayer]:
@@ -61,6 +89,12 @@ def selected_linears(adapter: ArchitectureAdapter, layer_index: int, exclude: tu
 
 
 def validate_request(request: PruneRequest, adapter: ArchitectureAdapter) -> None:
+    if request.structured is not None:
+        if request.owl or request.exclude:
+            raise BadInput("--owl and --exclude apply to unstructured and N:M pruning, not to --structured; drop them")
+        if request.structured.kind == "width":
+            check_width_supported(adapter)
+        return
     if request.owl and request.target.pattern is not None:
         raise BadInput("--owl sets non-uniform per-layer sparsity, which N:M patterns cannot have; use --sparsity with --owl")
     chosen = [linear for i in range(adapter.num_layers) for linear in selected_linears(adapter, i, request.exclude)]
@@ -110,8 +144,7 @@ def prune_model(model: torch.nn.Module, request: PruneRequest, samples: torch.Te
     about the run (per-layer targets for OWL)."""
     adapter = adapter_for(model)
     method = request.method
-    calibrated = method.calibrated or request.owl
-    inputs = capture_first_layer_inputs(adapter, samples) if calibrated else None
+    inputs = capture_first_layer_inputs(adapter, samples) if request.calibrated else None
 
     layer_targets = [request.target] * adapter.num_layers
     owl_record = None
@@ -139,6 +172,15 @@ def prune_model(model: torch.nn.Module, request: PruneRequest, samples: torch.Te
     return {"owl": owl_record}
 
 
+def _describe(request: PruneRequest) -> str:
+    if request.structured is not None:
+        if request.structured.kind == "depth":
+            return f"drop {request.structured.drop} decoder layers by block importance"
+        return f"remove {request.structured.heads:.0%} of head groups and {request.structured.ffn:.0%} of FFN channels"
+    amount = f" {request.target.sparsity:.0%}" if request.target.sparsity else ""
+    return f"{request.method.name} to {request.target.label}{amount}" + (" with OWL" if request.owl else "")
+
+
 def _check_pattern(linear: LinearSublayer, target: SparsityTarget) -> None:
     if target.pattern is not None and nm_compliance(linear.module.weight, target.pattern) != 1.0:
         raise RuntimeError(f"internal error: {linear.name} does not comply with {target.pattern} after pruning")
@@ -149,29 +191,38 @@ def prune_checkpoint(request: PruneRequest) -> dict:
     started = time.perf_counter()
     tokenizer = load_tokenizer(request.checkpoint)
     model = load_model(request.checkpoint)
-    validate_request(request, adapter_for(model))
+    adapter = adapter_for(model)
+    validate_request(request, adapter)
 
-    calibrated = request.method.calibrated or request.owl
-    samples, calibration_record = calibration_samples(request, tokenizer) if calibrated else (None, None)
-    info(f"Pruning {request.checkpoint.spec} with {request.method.name} to {request.target.label}"
-         + (f" {request.target.sparsity:.0%}" if request.target.sparsity else "")
-         + (f" on {calibration_record['nsamples']} x {calibration_record['seqlen']} tokens of {calibration_record['name']}" if calibrated else ""))
-    run_record = prune_model(model, request, samples)
+    samples, calibration_record = calibration_samples(request, tokenizer) if request.calibrated else (None, None)
+    info(f"Pruning {request.checkpoint.spec}: {_describe(request)}"
+         + (f", calibrated on {calibration_record['nsamples']} x {calibration_record['seqlen']} tokens of {calibration_record['name']}" if samples is not None else ""))
+    structured_record = None
+    if request.structured is None:
+        run_record = prune_model(model, request, samples)
+    elif request.structured.kind == "depth":
+        structured_record = prune_depth(model, adapter, samples, request.structured.drop, request.device)
+        run_record = {"owl": None}
+    else:
+        structured_record = prune_width(model, adapter, samples, request.structured.heads, request.structured.ffn, request.device)
+        run_record = {"owl": None}
 
     layers, total_sparsity = measure_linear_sublayers(model)
     document = {
         "schema": "sparsedeploy.sparsity/1",
         "tool_version": __version__,
-        "method": request.method.name,
-        "pattern": request.target.label,
-        "target_sparsity": request.target.fraction,
+        "method": request.structured.kind if request.structured else request.method.name,
+        "pattern": request.label,
+        "target_sparsity": None if request.structured else request.target.fraction,
         "owl": run_record["owl"],
+        "structured": structured_record,
         "calibration": calibration_record,
         "source": {"path": request.checkpoint.spec if request.checkpoint.spec == "default" else str(request.checkpoint.path),
                    "sha256": checkpoint_sha256(request.checkpoint.path)},
         "excluded": list(request.exclude),
         "device": request.device,
         "measured": {
+            "parameters": unique_parameter_count(model),
             "total_sparsity": total_sparsity,
             "nm_compliance": {
                 name: min(layer["nm_compliance"][name] for layer in layers) for name in ("2:4", "4:8")

@@ -80,13 +80,17 @@ def block_importance(adapter: ArchitectureAdapter, samples: torch.Tensor, device
     return importance
 
 
-def choose_layers_to_drop(importance: Sequence[float], n: int) -> list[int]:
-    """The n least important layers (ties: the earlier layer), ascending. Never all."""
-    total = len(importance)
+def _check_drop_count(n: int, total: int) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n < total:
         raise BadInput(
             f"cannot drop {n} of {total} decoder layers; give a whole number from 1 to {total - 1}"
         )
+
+
+def choose_layers_to_drop(importance: Sequence[float], n: int) -> list[int]:
+    """The n least important layers (ties: the earlier layer), ascending. Never all."""
+    total = len(importance)
+    _check_drop_count(n, total)
     order = sorted(range(total), key=lambda i: (importance[i], i))
     return sorted(order[:n])
 
@@ -128,11 +132,7 @@ def prune_depth(
     model: nn.Module, adapter: ArchitectureAdapter, samples: torch.Tensor, n: int, device: str = "cpu"
 ) -> dict:
     """Score every layer, drop the n least important. Returns the sparsity.json record."""
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n < adapter.num_layers:
-        raise BadInput(
-            f"cannot drop {n} of {adapter.num_layers} decoder layers; give a whole number "
-            f"from 1 to {adapter.num_layers - 1}"
-        )
+    _check_drop_count(n, adapter.num_layers)  # before the calibration pass, not after
     parameters_before = count_parameters(model)
     importance = block_importance(adapter, samples, device)
     dropped = choose_layers_to_drop(importance, n)

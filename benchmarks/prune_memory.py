@@ -2,7 +2,7 @@
 resident memory above what the loaded model itself takes (the calibration working set):
 it should stay flat when depth quadruples. Asserts nothing.
 
-    .venv/bin/python benchmarks/bench_prune_memory.py [--method sparsegpt] [--depths 4 8 16]
+    .venv/bin/python benchmarks/prune_memory.py [--method sparsegpt] [--depths 4 8 16 32]
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import json
 import resource
 import subprocess
 import sys
+from pathlib import Path
 
 CHILD = r"""
 import json, resource, sys, torch
@@ -43,13 +44,16 @@ print(json.dumps({"depth": depth, "parameters": params, "model_mib": round(param
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--method", default="sparsegpt")
-    parser.add_argument("--depths", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--depths", type=int, nargs="+", default=[4, 8, 16, 32])
     args = parser.parse_args()
     rows = []
     for depth in args.depths:
         out = subprocess.run([sys.executable, "-c", CHILD, str(depth), args.method], capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]))
+    results = Path(__file__).parent / "results" / "prune_memory.json"
+    results.parent.mkdir(exist_ok=True)
+    results.write_text(json.dumps({args.method: rows}, indent=2) + "\n")
     first, last = rows[0], rows[-1]
     print(f"{args.method}: depth x{last['depth'] / first['depth']:.0f} -> model x{last['model_mib'] / first['model_mib']:.2f}, "
           f"working set above the model x{last['peak_above_loaded_mib'] / max(first['peak_above_loaded_mib'], 1e-9):.2f}")

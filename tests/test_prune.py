@@ -8,7 +8,7 @@ import torch
 from conftest import EXPECTED_ROLES_ALL, make_tiny_model, run_cli, save_checkpoint, tree_fingerprint
 from sparsedeploy.models.adapters import adapter_for
 from sparsedeploy.models.checkpoint import resolve_checkpoint
-from sparsedeploy.prune.methods import SparsityTarget, get_method, method_names
+from sparsedeploy.prune.methods import SparsityTarget, Wanda, get_method, method_names
 from sparsedeploy.prune.patterns import nm_compliance, parse_nm, zero_fraction
 from sparsedeploy.prune.run import PruneRequest, prune_model
 from sparsedeploy.prune.sequential import capture_first_layer_inputs, run_layer
@@ -27,6 +27,44 @@ def test_layer_by_layer_reproduces_the_full_forward(model_type):
         for sample, h in enumerate(hidden):
             assert torch.allclose(h, reference[sample][index], atol=1e-5), (model_type, index)
         hidden = run_layer(adapter.decoder_layer(index).module, hidden, inputs.layer_kwargs[index], "cpu")
+
+
+class RecordingWanda(Wanda):
+    """Wanda that keeps the input statistics each linear sublayer was pruned with."""
+
+    def __init__(self):
+        self.seen = []
+
+    def statistics(self):
+        statistics = super().statistics()
+        self.seen.append(statistics)
+        return statistics
+
+
+def test_layer_l_plus_1_is_calibrated_on_the_pruned_outputs_of_layer_l():
+    model = make_tiny_model("llama")
+    dense = make_tiny_model("llama")
+    samples = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(2))
+    method = RecordingWanda()
+    request = PruneRequest(checkpoint=None, output=None, method=method, target=SparsityTarget(pattern=parse_nm("2:4")))
+    prune_model(model, request, samples)
+    linears_per_layer = len(adapter_for(model).decoder_layer(0).linears)
+    q_index = [l.role for l in adapter_for(model).decoder_layer(1).linears].index("q")
+    seen = method.seen[linears_per_layer + q_index].value  # layer 1's q_proj
+
+    def q_input_square_norms(network):
+        collected = []
+        handle = network.model.layers[1].self_attn.q_proj.register_forward_hook(
+            lambda module, args, output: collected.append(args[0].reshape(-1, args[0].shape[-1]).double().pow(2).sum(0)))
+        with torch.no_grad():
+            for sample in samples:
+                network(input_ids=sample[None])
+        handle.remove()
+        return sum(collected)
+
+    # q_proj's input depends on layer 0 (pruned) and layer 1's norm only, not on layer 1's linears.
+    assert torch.allclose(seen.double(), q_input_square_norms(model), rtol=1e-5)
+    assert not torch.allclose(seen.double(), q_input_square_norms(dense), rtol=1e-3)
 
 
 def _request(method: str, target: SparsityTarget, **kwargs) -> PruneRequest:

@@ -29,6 +29,21 @@ def test_nm_compliance_ignores_a_partial_last_group():
     assert nm_compliance(weight, NMPattern(2, 4)) == 1.0
 
 
+def test_nm_compliance_equals_the_slow_definition():
+    """Against groups reshaped and counted one by one; tensors and numpy arrays alike."""
+    generator = torch.Generator().manual_seed(0)
+    for rows, cols in [(5, 16), (3, 13), (4, 3), (0, 8)]:  # ragged tail, too narrow, empty
+        for density in (0.2, 0.5, 0.8):
+            weight = torch.randn(rows, cols, generator=generator)
+            weight[torch.rand(rows, cols, generator=generator) > density] = 0
+            for text in ("2:4", "4:8", "1:4"):
+                pattern = parse_nm(text)
+                groups = [weight[r, g * pattern.m:(g + 1) * pattern.m] for r in range(rows) for g in range(cols // pattern.m)]
+                slow = sum(int((group != 0).sum()) <= pattern.n for group in groups) / len(groups) if groups else 0.0
+                assert nm_compliance(weight, pattern) == pytest.approx(slow, abs=1e-12)
+                assert nm_compliance(weight.numpy(), pattern) == pytest.approx(slow, abs=1e-12)
+
+
 @pytest.mark.parametrize("text", ["2:4", "4:8", " 1 : 4 "])
 def test_parse_nm(text):
     pattern = parse_nm(text)

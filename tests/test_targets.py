@@ -1,3 +1,5 @@
+import platform
+
 import torch
 
 from conftest import run_cli, run_cli_json
@@ -16,6 +18,8 @@ def test_targets_json_follows_the_contract():
         assert target["profile"]["backend"] == target["backend"]
     by_name = {target["name"]: target for target in targets}
     assert by_name["onnxruntime"]["available"], by_name["onnxruntime"]["reason"]
+    if platform.machine() == "x86_64":  # `make install` creates DeepSparse's own venv there
+        assert by_name["deepsparse"]["available"], by_name["deepsparse"]["reason"]
     for gpu_target in ("cuda", "tensorrt"):
         assert by_name[gpu_target]["device"] == "cuda"
         assert by_name[gpu_target]["patterns"] == ["2:4"]

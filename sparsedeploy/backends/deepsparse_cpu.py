@@ -7,6 +7,7 @@ driven through a subprocess; this module never imports it into our process.
 import os
 import platform
 import subprocess
+import tempfile
 from pathlib import Path
 
 from sparsedeploy.backends.base import Availability, Backend, register_backend
@@ -35,9 +36,12 @@ class DeepSparseBackend(Backend):
                 f"DeepSparse is not installed: its separate environment {python.parent.parent} does not exist "
                 "(set SPARSEDEPLOY_DEEPSPARSE_PYTHON to a Python that has deepsparse)",
             )
+        # -I and a neutral cwd: a stray package in the caller's directory (say a
+        # brotli source tree) must not shadow one of DeepSparse's dependencies.
         probe = subprocess.run(
-            [str(python), "-c", "import deepsparse; print(deepsparse.__version__)"],
-            capture_output=True, text=True, timeout=120,
+            [str(python), "-I", "-c", "import deepsparse; print(deepsparse.__version__)"],
+            capture_output=True, text=True, timeout=120, cwd=tempfile.gettempdir(),
+            env={**os.environ, "NM_DISABLE_ANALYTICS": "1"},
         )
         if probe.returncode != 0:
             last = (probe.stderr.strip().splitlines() or ["no output"])[-1]

@@ -55,7 +55,7 @@ def test_ctrl_c_during_prune_exits_130_and_leaves_no_output(tmp_path, tokenized_
     output = tmp_path / "pruned"
     process = subprocess.Popen(
         [sys.executable, "-m", "sparsedeploy", "prune", str(tokenized_tiny_checkpoint), "-o", str(output),
-         "--method", "sparsegpt", "--pattern", "2:4", "--calib", "canterbury", "--nsamples", "100000", "--seqlen", "8"],
+         "--method", "sparsegpt", "--pattern", "2:4", "--calib", "canterbury-books", "--nsamples", "20000", "--seqlen", "8"],
         stderr=subprocess.PIPE, text=True,
     )
     # Wait until it is really calibrating, then interrupt.

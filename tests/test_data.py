@@ -112,8 +112,10 @@ def test_calibration_windows_are_deterministic_per_seed():
     assert first.shape == (8, 16)
     # Each sample is a contiguous slice of the text.
     assert torch.equal(first[:, 1:] - first[:, :-1], torch.ones(8, 15, dtype=torch.long))
-    with pytest.raises(BadInput, match="not more than one window"):
+    with pytest.raises(BadInput, match="fewer than --nsamples x --seqlen"):
         calibration_windows(torch.arange(16), seqlen=16, nsamples=1, seed=0)
+    with pytest.raises(BadInput, match="4 x 16 = 64"):
+        calibration_windows(torch.arange(63), seqlen=16, nsamples=4, seed=0)
 
 
 def test_every_builtin_source_loads():

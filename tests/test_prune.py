@@ -170,6 +170,7 @@ def test_prune_cli_refuses_bad_requests(tokenized_tiny_checkpoint, tmp_path):
         (["-o", str(tmp_path / "a"), "--pattern", "2:4", "--calib", "wikitext2"], "overlaps evaluation text"),
         (["-o", source, "--pattern", "2:4", "--force"], "overlap the input"),
         (["-o", str(tmp_path / "a"), "--pattern", "2:4", "--exclude", "*"], "excludes every linear"),
+        (["-o", str(tmp_path / "a"), "--pattern", "2:4", "--nsamples", "128", "--seqlen", "2048"], "fewer than --nsamples x --seqlen"),
     ]
     for arguments, needle in cases:
         result = run_cli("prune", source, *arguments)

@@ -39,10 +39,12 @@ def calibration_windows(token_ids: torch.Tensor, seqlen: int, nsamples: int, see
     SparseGPT and Wanda use): [nsamples, seqlen]. Same seed, same windows."""
     if nsamples < 1:
         raise BadInput(f"--nsamples {nsamples} must be at least 1")
-    if token_ids.numel() <= seqlen:
+    needed = nsamples * seqlen
+    if token_ids.numel() <= seqlen or token_ids.numel() < needed:
+        # Fewer tokens than asked for would mean calibrating on the same text many times.
         raise BadInput(
-            f"calibration text '{source_name}' has {token_ids.numel()} tokens, not more than one window "
-            f"of {seqlen}; use a longer text or a smaller --seqlen"
+            f"calibration text '{source_name}' has {token_ids.numel()} tokens, fewer than --nsamples x --seqlen = "
+            f"{nsamples} x {seqlen} = {needed}; use fewer or shorter samples, or a longer text (e.g. canterbury-books)"
         )
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, token_ids.numel() - seqlen, (nsamples,), generator=generator)

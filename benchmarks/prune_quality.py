@@ -109,9 +109,9 @@ def print_table(results: dict) -> None:
     print(f"| row | perplexity | x dense | sparsity | 2:4 | 4:8 | prune s | peak RSS MiB |")
     print("|---|---|---|---|---|---|---|---|")
     for row, r in results.items():
-        nm = r.get("nm_compliance", {})
-        print(f"| {row} | {r['ppl']:.2f} | {r['ppl'] / dense:.2f} | {r['sparsity']:.2%} | {nm.get('2:4', 0):.3f} | "
-              f"{nm.get('4:8', 0):.3f} | {r.get('prune_s', '')} | {r.get('prune_peak_rss_mib', '')} |")
+        nm = {k: f"{v:.3f}" for k, v in r.get("nm_compliance", {}).items()}
+        print(f"| {row} | {r['ppl']:.2f} | {r['ppl'] / dense:.2f} | {r['sparsity']:.2%} | {nm.get('2:4', '')} | "
+              f"{nm.get('4:8', '')} | {r.get('prune_s', '')} | {r.get('prune_peak_rss_mib', '')} |")
 
 
 if __name__ == "__main__":

@@ -197,15 +197,13 @@ def prune_checkpoint(request: PruneRequest) -> dict:
     samples, calibration_record = calibration_samples(request, tokenizer) if request.calibrated else (None, None)
     info(f"Pruning {request.checkpoint.spec}: {_describe(request)}"
          + (f", calibrated on {calibration_record['nsamples']} x {calibration_record['seqlen']} tokens of {calibration_record['name']}" if samples is not None else ""))
-    structured_record = None
+    structured_record = owl_record = None
     if request.structured is None:
-        run_record = prune_model(model, request, samples)
+        owl_record = prune_model(model, request, samples)["owl"]
     elif request.structured.kind == "depth":
         structured_record = prune_depth(model, adapter, samples, request.structured.drop, request.device)
-        run_record = {"owl": None}
     else:
         structured_record = prune_width(model, adapter, samples, request.structured.heads, request.structured.ffn, request.device)
-        run_record = {"owl": None}
 
     layers, total_sparsity = measure_linear_sublayers(model)
     document = {
@@ -214,7 +212,7 @@ def prune_checkpoint(request: PruneRequest) -> dict:
         "method": request.structured.kind if request.structured else request.method.name,
         "pattern": request.label,
         "target_sparsity": None if request.structured else request.target.fraction,
-        "owl": run_record["owl"],
+        "owl": owl_record,
         "structured": structured_record,
         "calibration": calibration_record,
         "source": {"path": request.checkpoint.spec if request.checkpoint.spec == "default" else str(request.checkpoint.path),

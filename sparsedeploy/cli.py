@@ -224,6 +224,103 @@ def targets_command(json_output: JsonFlag = False) -> None:
     stdout.print(table)
 
 
+@app.command("build")
+def build_command(
+    target: Annotated[Optional[str], typer.Option(help="Target profile name (see `sparsedeploy targets`).")] = None,
+    model: Annotated[str, typer.Option(help="`default` or a local (pruned) Hugging Face directory.")] = "default",
+    quant: Annotated[str, typer.Option(help="none (the profile's precision), int8 or int4.")] = "none",
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Bundle directory (default build/MODEL-TARGET-PRECISION).")] = None,
+    all_targets: Annotated[bool, typer.Option("--all", help="Build every target that can run here (bundles under -o/TARGET).")] = False,
+    dense: Annotated[Optional[str], typer.Option(help="Dense source model for the latency baseline (default: the one sparsity.json names).")] = None,
+    windows: Annotated[Optional[int], typer.Option(help="Override the profile's number of quality windows.")] = None,
+    runs: Annotated[Optional[int], typer.Option(help="Override the profile's number of timed runs.")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Re-measure instead of reusing cached measurements.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
+    json_output: JsonFlag = False,
+) -> None:
+    """Build a checkpoint for a target, check it there against PyTorch and a dense build, write a bundle."""
+    from sparsedeploy.build.pipeline import BuildRequest, build
+    from sparsedeploy.build.report import verdict
+    from sparsedeploy.errors import BadInput, GateFailed
+
+    if all_targets == (target is not None):
+        raise BadInput("pass exactly one of --target NAME or --all")
+    _quiet_libraries()
+    if all_targets:
+        from sparsedeploy.targets import describe_targets
+
+        names = [t["name"] for t in describe_targets() if t["available"]]
+        skipped = [f"{t['name']} ({t['reason']})" for t in describe_targets() if not t["available"]]
+        if skipped:
+            stderr.print("skipping targets that cannot run here: " + "; ".join(skipped), highlight=False)
+    else:
+        names = [target]
+    reports = []
+    for name in names:
+        destination = (output / name if output is not None else None) if all_targets else output
+        request = BuildRequest(name, model, quant, destination, force, dense, windows, runs, fresh)
+        if all_targets and quant != "none":
+            from sparsedeploy.targets import load_profile
+
+            if quant not in load_profile(name).precisions:
+                stderr.print(f"skipping {name}: it does not build {quant}", highlight=False)
+                continue
+        report, bundle = build(request)
+        reports.append(report)
+        if not json_output:
+            _print_build_summary(report, bundle, verdict(report))
+    if json_output:
+        _print_json(reports if all_targets else reports[0])
+    failed = [f"{r['target']}: {g['name']} = {g['value']:.4g} (limit {g['limit']})" for r in reports for g in r["gates"] if not g["passed"]]
+    if failed:
+        raise GateFailed("gate failed: " + "; ".join(failed) + "; the bundle was written with its report")
+
+
+def _print_build_summary(report: dict, bundle: Path, sentence: str) -> None:
+    quality, latency = report["quality"], report["latency"]
+    stdout.print(f"[bold]{report['target']}[/] ({report['precision']}) -> {bundle}")
+    stdout.print(
+        f"  quality: ppl {quality['ppl_target']:.4f} on target, {quality['ppl_reference']:.4f} PyTorch reference "
+        f"({quality['delta_pct']:+.2f} %), dense source {quality['ppl_dense']:.4f}; KL {quality['kl_mean']:.5f}, "
+        f"top-1 agreement {quality['top1_agreement']:.4f}"
+    )
+    stdout.print(
+        f"  latency (batch {latency['workload']['batch']}): prefill {latency['sparse']['prefill_tok_s']:.1f} tok/s vs dense "
+        f"{latency['dense']['prefill_tok_s']:.1f} ({latency['speedup']['prefill']:.2f}x), decode "
+        f"{latency['sparse']['decode_tok_s']:.1f} tok/s vs {latency['dense']['decode_tok_s']:.1f} ({latency['speedup']['decode']:.2f}x)"
+    )
+    stdout.print(f"  {sentence}", highlight=False)
+    for gate in report["gates"]:
+        mark = "[green]pass[/]" if gate["passed"] else "[red]FAIL[/]"
+        stdout.print(f"  gate {gate['name']}: {gate['value']:.4g} (limit {gate['limit']}) {mark}")
+    stdout.print(f"  report: {bundle / 'report.md'}")
+
+
+@app.command("check")
+def check_command(
+    bundle: Annotated[Path, typer.Argument(help="A bundle directory written by `sparsedeploy build`.")],
+    json_output: JsonFlag = False,
+) -> None:
+    """Verify a bundle's manifest and re-run its on-target check from the bundle alone."""
+    from sparsedeploy.build.pipeline import check
+    from sparsedeploy.build.report import verdict
+    from sparsedeploy.errors import GateFailed
+
+    _quiet_libraries()
+    report = check(bundle)
+    reproduction = report["reproduction"]
+    if json_output:
+        _print_json(report)
+    else:
+        _print_build_summary(report, Path(report["bundle"]), verdict(report))
+        state = "[green]reproduced[/]" if reproduction["reproduced"] else "[red]NOT reproduced[/]"
+        stdout.print(f"  quality of the bundle's report {state} (tolerances {reproduction['tolerance']})")
+    problems = [k for k, ok in reproduction["checks"].items() if not ok]
+    problems += [f"gate {g['name']} = {g['value']:.4g} (limit {g['limit']})" for g in report["gates"] if not g["passed"]]
+    if problems:
+        raise GateFailed("check failed: " + "; ".join(problems))
+
+
 @app.command("version")
 def version_command() -> None:
     """Print the tool's version."""

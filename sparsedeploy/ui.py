@@ -29,4 +29,4 @@ def progress_iter(items: Iterable[T], description: str, total: int | None = None
 
 
 def info(message: str) -> None:
-    stderr.print(message, highlight=False)
+    stderr.print(message, highlight=False, soft_wrap=True)

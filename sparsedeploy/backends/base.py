@@ -1,18 +1,36 @@
 """What every target backend provides, and the registry that names them.
 
 A backend is one module with one class registered by ``@register_backend``. The
-pipeline asks the registry, never branches on a target's name. Today a backend tells
-whether its engine can run here; the build verbs (build, load, logits on windows,
-timed prefill/decode, which kernels ran) join this interface with the build pipeline.
+pipeline (``sparsedeploy.build``) asks the registry and never branches on a target's
+name. The verbs:
+
+- ``availability()``: can the engine run here, and if not, what would fix it.
+- ``engine_version()``: the engine's version string (part of every cache key).
+- ``build_settings(precision, workload)``: everything besides the checkpoint that
+  determines the artifact (quantizer settings, static shapes...): the cache key.
+- ``build(inputs, output_dir)``: export / quantize / compile into ``output_dir`` (an
+  empty directory the caller publishes atomically); returns a :class:`BuiltArtifact`
+  whose ``sparsity`` is measured in the artifact itself, after quantization.
+- ``load(artifact_dir, workload)``: a :class:`Session` running the artifact in the
+  engine: ``logits`` on one token window, ``measure_latency`` (prefill and decode timed
+  separately inside the engine's process), ``kernels`` (what the engine says ran).
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
-from typing import ClassVar
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
 from sparsedeploy.errors import BadInput
+
+if TYPE_CHECKING:
+    import torch
+
+ARTIFACT_RECORD = "artifact.json"  # written by the pipeline beside a built artifact
 
 
 @dataclass(frozen=True)
@@ -21,12 +39,120 @@ class Availability:
     reason: str  # what runs it, or why it cannot run here and what would fix that
 
 
+@dataclass(frozen=True)
+class Workload:
+    """The shapes of an on-target check, from the profile's [check] tables."""
+
+    eval_seqlen: int  # tokens per quality window
+    eval_windows: int
+    prompt_tokens: int  # prefill length P
+    new_tokens: int  # decode steps G
+    batches: tuple[int, ...]  # batch sizes B timed
+    runs: int  # timed repetitions (p50/p95 over these)
+    warmup: int  # untimed repetitions first
+    threads: int  # engine threads, identical for the sparse and the dense build
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["batches"] = list(self.batches)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Workload:
+        return cls(**{**data, "batches": tuple(data["batches"])})
+
+
+@dataclass
+class BuildInputs:
+    model: torch.nn.Module  # float32 transformers causal LM on the CPU, eval mode
+    checkpoint_sha256: str
+    precision: str  # one of the profile's precisions
+    workload: Workload
+    options: dict  # the profile's [build] table (backend-specific knobs)
+    # Calibration windows [n, seqlen] (LongTensor) for static quantization; called only
+    # by a backend that needs them (never the evaluation text).
+    calibration: Callable[[], torch.Tensor] | None = None
+
+
+@dataclass
+class BuiltArtifact:
+    directory: Path
+    main_file: str  # the file a user deploys (relative to directory), e.g. "model.onnx"
+    precision: str
+    # Measured in the artifact: {"sparsity": f, "compliance": {"2:4": f, "4:8": f},
+    # "num_linear_weights": n, ...} (see sparsedeploy.export.onnx_decoder.initializer_sparsity)
+    sparsity: dict
+    details: dict = field(default_factory=dict)  # backend-specific: exporter, quantizer, graphs
+
+    def record(self) -> dict:
+        return {"main_file": self.main_file, "precision": self.precision, "sparsity": self.sparsity, "details": self.details}
+
+    def save_record(self) -> None:
+        (self.directory / ARTIFACT_RECORD).write_text(json.dumps(self.record(), indent=1) + "\n")
+
+    @classmethod
+    def from_directory(cls, directory: Path) -> BuiltArtifact:
+        path = directory / ARTIFACT_RECORD
+        if not path.is_file():
+            raise BadInput(f"'{directory}' is not a built artifact (no {ARTIFACT_RECORD}); rebuild it with `sparsedeploy build`")
+        data = json.loads(path.read_text())
+        return cls(directory=directory, **data)
+
+
+@dataclass
+class LatencySamples:
+    """One entry per timed run. ``prefill_ms``: the whole prompt of the batch in one call;
+    ``decode_ms``: the mean time of one decode step (one new token per sequence of the
+    batch, with the KV cache) over the run's ``new_tokens`` steps."""
+
+    prefill_ms: list[float]
+    decode_ms: list[float]
+
+
+class Session:
+    """A loaded artifact in its engine. Close it (or use ``with``) to free the engine."""
+
+    def logits(self, window: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [T, V] (float32, CPU) for one window [T] from an empty context."""
+        raise NotImplementedError
+
+    def measure_latency(self, batch: int, prompt_tokens: int, new_tokens: int, runs: int, warmup: int) -> LatencySamples:
+        raise NotImplementedError
+
+    def kernels(self) -> dict:
+        """What the engine reports about the kernels that ran: at least ``{"sparse_kernels":
+        "used"|"not-used"|"unknown", "evidence": str}``; "used" only when the engine says so."""
+        return {"sparse_kernels": "unknown", "evidence": "the engine does not report its kernels"}
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class Backend:
     name: ClassVar[str]  # the registry key, as `backend = "..."` in a target profile
     engine: ClassVar[str]  # the inference engine, as reported
     device: ClassVar[str]  # "cpu" or "cuda"
 
     def availability(self) -> Availability:
+        raise NotImplementedError
+
+    def engine_version(self) -> str:
+        raise NotImplementedError
+
+    def build_settings(self, precision: str, workload: Workload, options: dict) -> dict:
+        """Everything besides the checkpoint that determines the artifact (JSON-able)."""
+        return {"precision": precision, "options": options}
+
+    def build(self, inputs: BuildInputs, output_dir: Path) -> BuiltArtifact:
+        raise NotImplementedError
+
+    def load(self, artifact: BuiltArtifact, workload: Workload) -> Session:
         raise NotImplementedError
 
 
@@ -78,3 +204,23 @@ def cuda_gpu() -> tuple[bool, str]:
     if major < 8:
         return False, f"{name} (sm_{major}{minor}) has no 2:4 sparse tensor cores; needs sm_80 or newer"
     return True, f"{name} (sm_{major}{minor})"
+
+
+def time_generation(prefill, decode, new_tokens: int, runs: int, warmup: int) -> LatencySamples:
+    """The timing loop shared by in-process engines: ``prefill()`` returns a decode state,
+    ``decode(state)`` the next one. Warm-up runs first, untimed; each timed run is one
+    prefill then ``new_tokens`` decode steps, timed separately."""
+    import time
+
+    prefill_ms, decode_ms = [], []
+    for run in range(warmup + runs):
+        started = time.perf_counter()
+        state = prefill()
+        prefilled = time.perf_counter()
+        for _ in range(new_tokens):
+            state = decode(state)
+        finished = time.perf_counter()
+        if run >= warmup:
+            prefill_ms.append((prefilled - started) * 1000)
+            decode_ms.append((finished - prefilled) * 1000 / max(new_tokens, 1))
+    return LatencySamples(prefill_ms, decode_ms)

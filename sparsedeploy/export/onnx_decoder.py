@@ -53,6 +53,7 @@ import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -566,17 +567,31 @@ def _verify(path, wrapper, example, cases, names_in, vocab, geometry, model_type
 
 
 def initializer_sparsity(onnx_path: Path | str) -> dict:
-    """Sparsity of the linear weights as stored in an exported graph (external data loaded).
+    """Sparsity of the linear weights as stored in an exported graph (external data loaded),
+    float or quantized.
 
     Returns ``{"linear_weights": [...], "num_linear_weights", "sparsity", "compliance",
     "lm_head", "embedding", "tied_embeddings", "lm_head_duplicated"}``. Each linear
-    weight entry: ``name, shape, input_axis, zero_fraction, compliance{"2:4","4:8"}``,
-    with N:M compliance taken along ``input_axis`` (see the module docstring). The LM
-    head is reported on its own and not counted among the linear weights, so these are
-    the decoder's linear sublayers; ``sparsity`` and ``compliance`` summarise them
-    (element- and group-weighted). ``lm_head`` adds ``shared_with_embedding`` (one
-    initializer serves the Gather and the head); ``tied_embeddings``: the head holds the
-    embedding's values; ``lm_head_duplicated``: tied, but stored twice.
+    weight entry: ``name, shape, input_axis, dtype, quantization, zero_fraction,
+    compliance{"2:4","4:8"}``, with N:M compliance taken along ``input_axis`` (see the
+    module docstring). The LM head is reported on its own and not counted among the
+    linear weights, so these are the decoder's linear sublayers; ``sparsity`` and
+    ``compliance`` summarise them (element- and group-weighted). ``lm_head`` adds
+    ``shared_with_embedding`` (one initializer serves the Gather and the head);
+    ``tied_embeddings``: the head holds the embedding's values; ``lm_head_duplicated``:
+    tied, but stored twice.
+
+    Quantized weights (what ``sparsedeploy.export.onnx_quantize`` writes) are measured in
+    their integer form: an entry counts as zero where its quantized value equals its zero
+    point, i.e. where it dequantizes to exactly 0.0 whatever the scale. ``dtype`` is the
+    stored element type (``float32``, ``int8``, ``uint4``...) and ``quantization`` is None
+    for a float weight, else ``{format, bits, granularity, zero_point}`` (``format``: the
+    op that holds it, or ``QDQ`` for an integer initializer -> DequantizeLinear -> MatMul;
+    ``zero_point``: the value when one zero point serves the whole weight, else None).
+    A MatMulNBits weight is packed ``[N, blocks, blob]``; its ``shape`` is the logical
+    ``[N, K]`` (input axis 1) and ``quantization`` adds ``stored_shape`` and ``block_size``.
+    A quantized entry can measure MORE zeros than its float source (weights smaller than
+    half a quantization step round to the zero point), never fewer.
     """
     import onnx
 
@@ -595,105 +610,302 @@ def initializer_sparsity(onnx_path: Path | str) -> dict:
 # Ops whose input 1 is a linear weight: ONNX's own, and ORT's fusions of them
 # (FusedMatMul: MatMul with transpose/scale attributes; FusedGemm: Gemm + activation).
 _LINEAR_OPS = ("MatMul", "Gemm", "FusedMatMul", "FusedGemm")
+# Integer linear ops: op -> input indices of (the integer weight B [K, N], B's scale,
+# B's zero point); None: the op has no such input (MatMulInteger's scale is applied after
+# it), and an absent zero point means 0. ONNX's MatMulInteger and QLinearMatMul, and the
+# forms ORT's graph optimiser fuses quantized graphs into.
+_QUANTIZED_LINEAR_OPS = {
+    "MatMulInteger": (1, None, 3),
+    "QLinearMatMul": (3, 4, 5),
+    "DynamicQuantizeMatMul": (1, 2, 3),
+    "MatMulIntegerToFloat": (1, 3, 5),
+}
+def _float_types() -> frozenset[int]:
+    from onnx import TensorProto
+
+    return frozenset((TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE))
 
 
-def _weight_uses(graph, inits: dict) -> dict[str, list[tuple[str, int | None, object]]]:
-    """initializer name -> [(kind, input_axis, node)]: how each 2-D initializer is used.
+def _weight_types() -> frozenset[int]:
+    """Element types a linear weight may be stored in: float, or integer in quantized graphs."""
+    from onnx import TensorProto
 
-    kind "linear": the B operand of MatMul / Gemm or ORT's fused forms (input_axis: the axis
-    of the stored initializer that is contracted with the activations); "embedding":
-    the data of a Gather. Transpose / Identity nodes in between are followed.
-    """
+    integers = (TensorProto.INT8, TensorProto.UINT8, TensorProto.INT4, TensorProto.UINT4, TensorProto.INT16, TensorProto.UINT16)
+    return _float_types() | frozenset(integers)
+
+
+# ORT's blockwise weight-only op; B is packed [N, k_blocks, blob] (see _nbits_values).
+_NBITS_OP = "MatMulNBits"
+# Nodes a linear's output may pass through on its way to the logits in a quantized graph
+# (dequantize, rescale), when looking for the LM head.
+_OUTPUT_PASS_THROUGH = ("DequantizeLinear", "Cast", "Mul", "Identity", "Reshape")
+
+
+class _Use(NamedTuple):
+    kind: str  # "linear" or "embedding"
+    input_axis: int | None  # linear: the axis of the stored weight contracted with the activations
+    node: object  # the linear / Gather node
+    dequantize: object = None  # the DequantizeLinear passed on the way (QDQ), if any
+
+
+def _attribute(node, name, default):
     from onnx import helper
 
+    for attr in node.attribute:
+        if attr.name == name:
+            return helper.get_attribute_value(attr)
+    return default
+
+
+def _consumers(graph) -> dict[str, list[tuple[object, int]]]:
     consumers = defaultdict(list)
     for node in graph.node:
         for index, name in enumerate(node.input):
             consumers[name].append((node, index))
+    return consumers
 
-    def attribute(node, name, default):
-        for attr in node.attribute:
-            if attr.name == name:
-                return helper.get_attribute_value(attr)
-        return default
 
-    def walk(value: str, transposed: bool, depth: int = 0):
+def _weight_uses(graph, inits: dict) -> dict[str, list[_Use]]:
+    """initializer name -> [_Use]: how each weight-shaped initializer is used.
+
+    kind "linear": the B operand of MatMul / Gemm or ORT's fused forms, of an integer
+    linear op (MatMulInteger, QLinearMatMul...), or of MatMulNBits (input_axis: the axis
+    of the stored initializer that is contracted with the activations; for MatMulNBits,
+    axis 1 of its logical [N, K] matrix); "embedding": the data of a Gather. Transpose,
+    Identity and one DequantizeLinear on the way are followed (QDQ graphs).
+    """
+    consumers = _consumers(graph)
+
+    def walk(value: str, transposed: bool, dequantize, depth: int = 0):
         if depth > 8:
             return
         for node, index in consumers.get(value, []):
             op = node.op_type
-            if op == "Transpose" and list(attribute(node, "perm", [1, 0])) == [1, 0]:
-                yield from walk(node.output[0], not transposed, depth + 1)
+            if op == "Transpose" and list(_attribute(node, "perm", [1, 0])) == [1, 0]:
+                yield from walk(node.output[0], not transposed, dequantize, depth + 1)
             elif op == "Identity":
-                yield from walk(node.output[0], transposed, depth + 1)
+                yield from walk(node.output[0], transposed, dequantize, depth + 1)
+            elif op == "DequantizeLinear" and index == 0 and dequantize is None:
+                yield from walk(node.output[0], transposed, node, depth + 1)
             elif op in _LINEAR_OPS and index == 1:
                 # B is [K, N] (K = input dim, axis 0), or [N, K] when transB is set.
-                axis = 1 if attribute(node, "transB", 0) else 0
-                yield ("linear", 1 - axis if transposed else axis, node)
+                axis = 1 if _attribute(node, "transB", 0) else 0
+                yield _Use("linear", 1 - axis if transposed else axis, node, dequantize)
+            elif op in _QUANTIZED_LINEAR_OPS and index == _QUANTIZED_LINEAR_OPS[op][0] and dequantize is None:
+                yield _Use("linear", 1 if transposed else 0, node)  # B is [K, N]
+            elif op == _NBITS_OP and index == 1 and not transposed and dequantize is None:
+                yield _Use("linear", 1, node)  # packed [N, blocks, blob]: logically [N, K]
             elif op == "Gather" and index == 0:
-                yield ("embedding", None, node)
+                yield _Use("embedding", None, node, dequantize)
 
     uses = {}
     for name, init in inits.items():
-        if len(init.dims) == 2:
-            found = list(walk(name, False))
+        packed = len(init.dims) == 3  # only MatMulNBits' B is a 3-D weight
+        if len(init.dims) == 2 or packed:
+            found = [use for use in walk(name, False, None) if (use.node.op_type == _NBITS_OP) == packed]
             if found:
                 uses[name] = found
     return uses
 
 
+def _element_type(data_type: int) -> str:
+    from onnx import TensorProto
+
+    names = {TensorProto.FLOAT: "float32", TensorProto.DOUBLE: "float64"}
+    return names.get(data_type) or TensorProto.DataType.Name(data_type).lower()
+
+
+def _constant_arrays(graph, inits: dict) -> dict:
+    """name -> TensorProto of every constant value: initializers and Constant nodes
+    (zero points and scales may be either)."""
+    constants = dict(inits)
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output:
+            value = _attribute(node, "value", None)
+            if value is not None and hasattr(value, "data_type"):
+                constants[node.output[0]] = value
+    return constants
+
+
+def _optional_input(node, index: int) -> str | None:
+    return node.input[index] if len(node.input) > index and node.input[index] else None
+
+
+def _integer(tensor) -> np.ndarray:
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(tensor).astype(np.int32)
+
+
+def _nbits_values(node, packed: np.ndarray, zero_points) -> tuple[np.ndarray, np.ndarray]:
+    """MatMulNBits' B as (quantized values [N, K], zero points [N, K]), unpacked.
+
+    ORT's layout (contrib op docs): B is uint8 [N, k_blocks, blob_size], each block holds
+    ``block_size`` consecutive K values of one column, ``8 / bits`` per byte, lowest bits
+    first; the last block is zero-padded past K. The optional zero_points input is uint8
+    [N, ceil(k_blocks * bits / 8)] packed the same way (or, rarely, the scales' float
+    type [N, k_blocks]); without it every zero point is 2^(bits-1) (8 for 4 bits).
+    """
+    bits = int(_attribute(node, "bits", 4))
+    k, n = int(_attribute(node, "K", 0)), int(_attribute(node, "N", 0))
+    block_size = int(_attribute(node, "block_size", 0))
+    per_byte = 8 // bits
+    mask = (1 << bits) - 1
+    shifts = np.arange(per_byte, dtype=np.uint8) * bits
+
+    def unpack(array: np.ndarray, rows: int, count: int) -> np.ndarray:
+        values = (array.reshape(rows, -1, 1) >> shifts) & mask
+        return values.reshape(rows, -1)[:, :count].astype(np.int32)
+
+    blocks = packed.shape[1]
+    values = unpack(packed, n, blocks * block_size)[:, :k]
+    if zero_points is None:
+        points = np.full((n, blocks), 1 << (bits - 1), dtype=np.int32)
+    elif zero_points.dtype == np.uint8:
+        points = unpack(zero_points, n, blocks)
+    else:  # float zero points: a value dequantizes to 0 only where it equals its zero point
+        points = zero_points.reshape(n, blocks)
+    return values, np.repeat(points, block_size, axis=1)[:, :k]
+
+
+def _broadcast_zero_point(points: np.ndarray, shape: tuple[int, ...], axis: int, block_size: int) -> np.ndarray:
+    """A zero point tensor broadcast to its weight's shape: one value, one per index of
+    ``axis`` (per channel), or one per ``block_size`` run along ``axis`` (per block)."""
+    if points.size == 1:
+        return np.broadcast_to(points.reshape(()), shape)
+    axis %= len(shape)
+    if block_size:
+        return np.repeat(points, block_size, axis=axis).take(range(shape[axis]), axis=axis)
+    view = [1] * len(shape)
+    view[axis] = points.size
+    return np.broadcast_to(points.reshape(view), shape)
+
+
+def _stored_nonzero(name: str, use: _Use, inits: dict, constants: dict) -> tuple[np.ndarray, list[int], str, dict | None] | None:
+    """(nonzero mask in the stored orientation, shape as stored (logical [N, K] for
+    MatMulNBits), dtype, quantization description) of one linear weight; None where a
+    zero point is computed at run time (not measurable)."""
+    from onnx import numpy_helper
+
+    init = inits[name]
+    op = use.node.op_type
+    if op == _NBITS_OP:
+        bits = int(_attribute(use.node, "bits", 4))
+        point_name = _optional_input(use.node, 3)
+        if point_name is not None and point_name not in constants:
+            return None
+        raw = None if point_name is None else numpy_helper.to_array(constants[point_name])
+        values, points = _nbits_values(use.node, numpy_helper.to_array(init), raw)
+        quantization = {
+            "format": op,
+            "bits": bits,
+            "granularity": "per-block",
+            "block_size": int(_attribute(use.node, "block_size", 0)),
+            "zero_point": _uniform(points),
+            "stored_shape": list(init.dims),
+        }
+        return values != points, list(values.shape), f"uint{bits}", quantization
+    shape, dtype = list(init.dims), _element_type(init.data_type)
+    stored = numpy_helper.to_array(init)
+    if init.data_type in _float_types():
+        return stored != 0, shape, dtype, None
+    values = stored.astype(np.int32)
+    if use.dequantize is not None:  # QDQ: per tensor, per axis (default 1) or per block (opset 21)
+        node, fmt, scale_index, point_index = use.dequantize, "QDQ", 1, 2
+        axis, block_size = int(_attribute(node, "axis", 1)), int(_attribute(node, "block_size", 0))
+    else:  # B [K, N]: per tensor or per output column
+        node, fmt = use.node, op
+        _, scale_index, point_index = _QUANTIZED_LINEAR_OPS[op]
+        axis, block_size = 1, 0
+    point_name = _optional_input(node, point_index)
+    if point_name is not None and point_name not in constants:
+        return None
+    raw = np.zeros(1, np.int32) if point_name is None else _integer(constants[point_name])
+    points = _broadcast_zero_point(raw, values.shape, axis, block_size)
+    scale_name = None if scale_index is None else _optional_input(node, scale_index)
+    groups = int(np.prod(constants[scale_name].dims)) if scale_name in constants else raw.size
+    granularity = "per-block" if block_size else ("per-tensor" if groups == 1 else "per-channel")
+    bits = 4 if dtype in ("int4", "uint4") else 8 * stored.dtype.itemsize
+    quantization = {"format": fmt, "bits": bits, "granularity": granularity, "zero_point": _uniform(points)}
+    return values != points, shape, dtype, quantization
+
+
+def _uniform(points: np.ndarray):
+    """The zero point when one value serves the whole weight, else None."""
+    first = points.flat[0] if points.size else None
+    return first.item() if first is not None and bool(np.all(points == first)) else None
+
+
+def _feeds_output(node, consumers: dict, outputs: set[str], hops: int = 3) -> bool:
+    """Whether ``node``'s output reaches a graph output directly or through a few
+    dequantize / rescale nodes (the logits of a quantized LM head)."""
+    frontier = list(node.output)
+    for _ in range(hops + 1):
+        if any(name in outputs for name in frontier):
+            return True
+        frontier = [
+            out for name in frontier for nxt, _ in consumers.get(name, []) if nxt.op_type in _OUTPUT_PASS_THROUGH
+            for out in nxt.output
+        ]
+    return False
+
+
 def sparsity_report(proto) -> dict:
     """:func:`initializer_sparsity` on an in-memory ModelProto (data loaded)."""
-    from onnx import TensorProto, numpy_helper
+    from onnx import numpy_helper
 
-    float_types = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
     graph = proto.graph
-    inits = {init.name: init for init in graph.initializer if init.data_type in float_types}
+    inits = {init.name: init for init in graph.initializer if init.data_type in _weight_types()}
     uses = _weight_uses(graph, inits)
+    constants = _constant_arrays(graph, {init.name: init for init in graph.initializer})
+    consumers = _consumers(graph)
     graph_outputs = {output.name for output in graph.output}
 
-    embeddings = [n for n, found in uses.items() if any(kind == "embedding" for kind, _, _ in found)]
-    linear = {}  # name -> input axis of the stored initializer
+    embeddings = [n for n, found in uses.items() if any(use.kind == "embedding" for use in found)]
+    measured = {}  # name -> (nonzero [out, in], shape as stored, input axis, dtype, quantization)
     lm_head_name = None
     for name, found in uses.items():
-        axes = [(axis, node) for kind, axis, node in found if kind == "linear"]
-        if not axes:
+        linear_uses = [use for use in found if use.kind == "linear"]
+        if not linear_uses:
             continue
-        linear[name] = axes[0][0]
-        if any(out in graph_outputs for _, node in axes for out in node.output):
+        stored = _stored_nonzero(name, linear_uses[0], inits, constants)
+        if stored is None:
+            continue
+        nonzero, shape, dtype, quantization = stored
+        axis = linear_uses[0].input_axis
+        measured[name] = (nonzero if axis == 1 else nonzero.T, shape, axis, dtype, quantization)  # rows = outputs
+        if any(_feeds_output(use.node, consumers, graph_outputs) for use in linear_uses):
             lm_head_name = name
     if lm_head_name is None:
-        # No linear feeds a graph output directly: the one whose output dim is a vocab.
+        # No linear feeds a graph output: the one whose output dim is a vocab.
         vocabs = {inits[n].dims[0] for n in embeddings}
-        heads = [n for n, axis in linear.items() if inits[n].dims[1 - axis] in vocabs]
+        heads = [n for n, entry in measured.items() if entry[0].shape[0] in vocabs]
         lm_head_name = heads[-1] if heads else None
 
-    def out_in(name: str) -> np.ndarray:
-        stored = numpy_helper.to_array(inits[name])
-        return stored if linear[name] == 1 else stored.T  # rows = outputs, columns = inputs
+    patterns = {p: parse_nm(p) for p in MEASURED_PATTERNS}
 
     def measure(name: str) -> tuple[dict, int, dict]:
-        weight = out_in(name)
-        nonzero = weight != 0
-        zeros = weight.size - int(np.count_nonzero(nonzero))
-        patterns = {p: parse_nm(p) for p in MEASURED_PATTERNS}
+        nonzero, shape, axis, dtype, quantization = measured[name]
+        zeros = nonzero.size - int(np.count_nonzero(nonzero))
         entry = {
             "name": name,
-            "shape": list(inits[name].dims),  # as stored in the graph
-            "input_axis": linear[name],
-            "zero_fraction": zeros / weight.size if weight.size else 0.0,
-            "compliance": {p: nm_compliance(weight, pattern) for p, pattern in patterns.items()},
+            "shape": shape,  # as stored in the graph (MatMulNBits: its logical [N, K])
+            "input_axis": axis,
+            "dtype": dtype,
+            "quantization": quantization,
+            "zero_fraction": zeros / nonzero.size if nonzero.size else 0.0,
+            "compliance": {p: nm_compliance(nonzero, pattern) for p, pattern in patterns.items()},
         }
-        groups = {p: weight.shape[0] * (weight.shape[1] // pattern.m) for p, pattern in patterns.items()}
+        groups = {p: nonzero.shape[0] * (nonzero.shape[1] // pattern.m) for p, pattern in patterns.items()}
         return entry, zeros, groups
 
     weights, total, zeros, groups, compliant = [], 0, 0, defaultdict(int), defaultdict(float)
-    for name in linear:
+    for name in measured:
         if name == lm_head_name:
             continue
         entry, entry_zeros, entry_groups = measure(name)
         weights.append(entry)
-        total += int(np.prod(entry["shape"]))
+        total += measured[name][0].size
         zeros += entry_zeros
         for pattern, count in entry_groups.items():
             groups[pattern] += count
@@ -704,16 +916,19 @@ def sparsity_report(proto) -> dict:
     tied = duplicated = False
     if lm_head_name is not None:
         lm_head = measure(lm_head_name)[0]
-        head_shape = tuple(inits[lm_head_name].dims)[:: 1 if linear[lm_head_name] == 1 else -1]  # [out, in]
         if lm_head_name in embeddings:
             embedding_name, tied = lm_head_name, True
         else:
+            head_shape = measured[lm_head_name][0].shape  # [out, in]
             same_shape = [n for n in embeddings if tuple(inits[n].dims) == head_shape]
             if same_shape:
                 embedding_name = same_shape[0]
-                tied = duplicated = bool(
-                    np.array_equal(out_in(lm_head_name), numpy_helper.to_array(inits[embedding_name]))
-                )
+                head, table = inits[lm_head_name], inits[embedding_name]
+                if head.data_type == table.data_type and lm_head["quantization"] is None:
+                    stored = numpy_helper.to_array(head)
+                    tied = duplicated = bool(
+                        np.array_equal(stored if measured[lm_head_name][2] == 1 else stored.T, numpy_helper.to_array(table))
+                    )
         lm_head["shared_with_embedding"] = lm_head_name in embeddings
     if embedding_name is None and embeddings:
         embedding_name = max(embeddings, key=lambda n: inits[n].dims[0])

@@ -1,0 +1,291 @@
+"""`build` and `check` through the real command line and the real ONNX Runtime, on a tiny
+model pruned to 2:4 (and its dense source), with a small check workload."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli, run_cli_json, save_checkpoint, tree_fingerprint
+
+REPO = Path(__file__).resolve().parents[1]
+CONTRACT_KEYS = {
+    "schema", "target", "profile", "engine", "precision", "checkpoint", "artifact", "quality", "latency", "gates", "passed",
+}
+LATENCY_KEYS = {"prefill_tok_s", "decode_tok_s", "prefill_ms_p50", "prefill_ms_p95", "decode_ms_p50", "decode_ms_p95"}
+
+
+def small_profile(source: str, **changes) -> str:
+    """A repository profile with a workload small enough for a test."""
+    text = (REPO / "targets" / f"{source}.toml").read_text()
+    raw = tomllib.loads(text)
+    replacements = {"windows": 2, "seqlen": 64, "prompt_tokens": 16, "new_tokens": 4, "runs": 2, "warmup": 1}
+    lines = []
+    for line in text.splitlines():
+        key = line.split("=")[0].strip()
+        if key in replacements and "=" in line:
+            line = f"{key} = {replacements[key]}"
+        lines.append(line)
+    text = "\n".join(lines) + "\n"
+    for key, value in changes.items():
+        text = text.replace(f"{key} = {json.dumps(raw.get(key))}", f"{key} = {json.dumps(value)}") if key in raw else text
+    return text
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, default_checkpoint):
+    """Targets folder, a private cache, a tiny dense checkpoint and its 2:4 pruning."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    import torch
+
+    root = tmp_path_factory.mktemp("build")
+    targets = root / "targets"
+    targets.mkdir()
+    (targets / "onnxruntime.toml").write_text(small_profile("onnxruntime"))
+    # A CPU profile that, like tensorrt, accepts only 2:4 checkpoints.
+    (targets / "cpu-2of4.toml").write_text(small_profile("onnxruntime", patterns=["2:4"], precisions=["fp32", "int8"]))
+    # A gate no build can pass: the bundle is still written, the exit code is 1.
+    (targets / "impossible.toml").write_text(small_profile("onnxruntime") + "min_prefill_speedup = 100.0\n")
+    shutil.copy(REPO / "targets" / "tensorrt.toml", targets / "tensorrt.toml")
+    env = {"SPARSEDEPLOY_TARGETS": str(targets), "SPARSEDEPLOY_CACHE": str(root / "cache")}
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    dense = save_checkpoint(AutoModelForCausalLM.from_config(config), root / "dense")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_checkpoint.path / name, dense / name)
+    pruned = root / "pruned-2of4"
+    result = run_cli("prune", str(dense), "-o", str(pruned), "--method", "magnitude", "--pattern", "2:4", env=env)
+    assert result.returncode == 0, result.stderr
+    unstructured = root / "pruned-50"
+    result = run_cli("prune", str(dense), "-o", str(unstructured), "--method", "magnitude", "--sparsity", "0.5", env=env)
+    assert result.returncode == 0, result.stderr
+    return {"root": root, "env": env, "dense": dense, "pruned": pruned, "unstructured": unstructured}
+
+
+@pytest.fixture(scope="module")
+def built(workspace):
+    """One fp32 onnxruntime build of the 2:4 checkpoint; its report and stderr."""
+    bundle = workspace["root"] / "bundle"
+    before = tree_fingerprint(workspace["pruned"])
+    result = run_cli("build", "--target", "onnxruntime", "--model", str(workspace["pruned"]), "-o", str(bundle), "--json",
+                     env=workspace["env"])
+    assert result.returncode == 0, result.stderr
+    assert tree_fingerprint(workspace["pruned"]) == before, "build modified its input checkpoint"
+    return {"bundle": bundle, "report": json.loads(result.stdout), "stderr": result.stderr}
+
+
+def test_report_follows_the_contract_with_measured_numbers(built, workspace):
+    report = built["report"]
+    assert CONTRACT_KEYS <= set(report)
+    assert report["schema"] == "sparsedeploy.report/1"
+    assert report["engine"]["name"] == "onnxruntime" and report["engine"]["version"]
+    assert report["precision"] == "fp32"
+    assert report["checkpoint"]["pattern"] == "2:4"
+    assert report["checkpoint"]["nm_compliance"]["2:4"] == 1.0
+    # Measured in the exported graph, not copied from the checkpoint.
+    artifact = report["artifact"]
+    assert artifact["path"] == "artifact/model.onnx"
+    assert artifact["sparsity"] == pytest.approx(0.5, abs=1e-6)
+    assert artifact["nm_compliance"]["2:4"] == 1.0
+    assert artifact["bytes"] == sum(p.stat().st_size for p in (built["bundle"] / "artifact").iterdir() if p.name != "artifact.json") + \
+        (built["bundle"] / "artifact" / "artifact.json").stat().st_size
+    quality = report["quality"]
+    assert quality["protocol"]["windows"] == 2 and quality["protocol"]["seqlen"] == 64
+    assert quality["protocol"]["tokens"] == 2 * 63
+    assert quality["protocol"]["data"]["name"] == "wikitext2"
+    # ONNX Runtime fp32 reproduces PyTorch: the same perplexity and next-token choices.
+    assert quality["ppl_target"] == pytest.approx(quality["ppl_reference"], rel=1e-4)
+    assert quality["kl_mean"] < 1e-6 and quality["top1_agreement"] == 1.0
+    assert quality["ppl_dense"] != quality["ppl_target"]  # the dense source is a different model
+    latency = report["latency"]
+    assert latency["workload"] == {"prompt_tokens": 16, "new_tokens": 4, "batch": 1, "runs": 2, "warmup": 1,
+                                   "threads": latency["workload"]["threads"]}
+    for build in ("sparse", "dense"):
+        assert LATENCY_KEYS <= set(latency[build])
+        assert all(latency[build][key] > 0 for key in LATENCY_KEYS)
+        assert latency[build]["prefill_ms_p95"] >= latency[build]["prefill_ms_p50"]
+    assert latency["speedup"]["prefill"] == pytest.approx(latency["dense"]["prefill_ms_p50"] / latency["sparse"]["prefill_ms_p50"])
+    # ONNX Runtime has no sparse kernels: the report says so whatever the timings show.
+    assert latency["sparse_kernels"] == "not-used"
+    assert "dense kernels" in latency["evidence"]
+    assert {gate["name"] for gate in report["gates"]} == {"max_ppl_delta_pct", "max_kl_mean", "min_top1_agreement"}
+    assert report["passed"] is True and all(gate["passed"] for gate in report["gates"])
+
+
+def test_bundle_layout_and_manifest(built):
+    bundle = built["bundle"]
+    names = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()}
+    assert {"report.json", "report.md", "latency.png", "manifest.json", "artifact/model.onnx", "baseline/model.onnx",
+            "reference/model.safetensors", "reference/config.json", "reference/sparsity.json"} <= names
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    listed = {entry["path"] for entry in manifest["files"]}
+    assert listed == names - {"manifest.json"}
+    assert (bundle / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = (bundle / "report.md").read_text()
+    assert "## Gates" in markdown and "## Latency" in markdown and "latency.png" in markdown
+    assert "Sparse kernels: **not-used**" in markdown
+    assert not [p for p in bundle.parent.iterdir() if ".partial-" in p.name]
+
+
+def test_second_identical_build_reuses_the_cache(built, workspace):
+    bundle = workspace["root"] / "bundle-again"
+    result = run_cli("build", "--target", "onnxruntime", "--model", str(workspace["pruned"]), "-o", str(bundle), "--json",
+                     env=workspace["env"])
+    assert result.returncode == 0, result.stderr
+    again = json.loads(result.stdout)
+    assert result.stderr.count("reused from the cache") == 2
+    assert again["cached_measurements"]
+    assert again["quality"] == built["report"]["quality"]
+    assert again["artifact"]["sha256"] == built["report"]["artifact"]["sha256"]
+
+
+def test_check_reproduces_the_bundle(built, workspace):
+    report = run_cli_json("check", str(built["bundle"]), env=workspace["env"])
+    assert report["reproduction"]["reproduced"] is True
+    assert report["quality"]["ppl_target"] == pytest.approx(built["report"]["quality"]["ppl_target"], rel=1e-6)
+    assert report["passed"] is True
+
+
+def test_check_names_a_tampered_file(built, workspace):
+    copy = workspace["root"] / "tampered"
+    shutil.copytree(built["bundle"], copy)
+    weights = copy / "baseline" / "model.onnx.data"
+    weights.chmod(0o644)  # cache files are read-only, and copytree keeps modes
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one byte different
+    weights.write_bytes(bytes(data))
+    result = run_cli("check", str(copy), env=workspace["env"])
+    assert result.returncode == 2
+    assert "baseline/model.onnx.data" in result.stderr and "sha256" in result.stderr
+    config = copy / "reference" / "config.json"
+    shutil.copy(built["bundle"] / "baseline" / "model.onnx.data", weights)
+    config.write_text(config.read_text() + " ")
+    result = run_cli("check", str(copy), env=workspace["env"])
+    assert result.returncode == 2 and "reference/config.json" in result.stderr
+
+
+def test_check_refuses_a_file_added_or_removed(built, workspace):
+    copy = workspace["root"] / "extra"
+    shutil.copytree(built["bundle"], copy)
+    (copy / "artifact" / "notes.txt").write_text("hello")
+    result = run_cli("check", str(copy), env=workspace["env"])
+    assert result.returncode == 2 and "artifact/notes.txt" in result.stderr
+    (copy / "artifact" / "notes.txt").unlink()
+    (copy / "report.md").unlink()
+    result = run_cli("check", str(copy), env=workspace["env"])
+    assert result.returncode == 2 and "report.md" in result.stderr and "missing" in result.stderr
+
+
+def test_existing_output_is_refused_without_force(built, workspace):
+    before = tree_fingerprint(built["bundle"])
+    result = run_cli("build", "--target", "onnxruntime", "--model", str(workspace["pruned"]), "-o", str(built["bundle"]),
+                     env=workspace["env"])
+    assert result.returncode == 2 and "--force" in result.stderr
+    assert tree_fingerprint(built["bundle"]) == before
+
+
+def test_non_2of4_checkpoint_to_a_2of4_target_names_the_prune_command(workspace):
+    output = workspace["root"] / "refused"
+    result = run_cli("build", "--target", "cpu-2of4", "--model", str(workspace["unstructured"]), "-o", str(output),
+                     env=workspace["env"])
+    assert result.returncode == 2
+    assert "unstructured" in result.stderr and "sparsedeploy prune" in result.stderr and "--pattern 2:4" in result.stderr
+    assert not output.exists()
+
+
+def test_missing_engine_exits_3(workspace):
+    result = run_cli("build", "--target", "tensorrt", "--model", str(workspace["pruned"]), "-o",
+                     str(workspace["root"] / "trt"), env=workspace["env"])
+    assert result.returncode == 3
+    assert "tensorrt" in result.stderr.lower()
+
+
+def test_unsupported_precision_is_bad_input(workspace):
+    result = run_cli("build", "--target", "cpu-2of4", "--model", str(workspace["pruned"]), "--quant", "int4", "-o",
+                     str(workspace["root"] / "int4"), env=workspace["env"])
+    assert result.returncode == 2
+    assert "int4" in result.stderr and "--target onnxruntime" in result.stderr
+
+
+def test_failed_gate_exits_1_and_keeps_the_bundle(workspace):
+    bundle = workspace["root"] / "impossible"
+    result = run_cli("build", "--target", "impossible", "--model", str(workspace["pruned"]), "-o", str(bundle), "--json",
+                     env=workspace["env"])
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout)
+    assert report["passed"] is False
+    failed = [gate for gate in report["gates"] if not gate["passed"]]
+    assert [gate["name"] for gate in failed] == ["min_prefill_speedup"]
+    assert "min_prefill_speedup" in result.stderr
+    assert json.loads((bundle / "report.json").read_text())["passed"] is False
+
+
+def _request(workspace, name: str, **changes):
+    from sparsedeploy.build.pipeline import BuildRequest
+
+    return BuildRequest("onnxruntime", str(workspace["pruned"]), output=workspace["root"] / name, fresh=True, **changes)
+
+
+def test_interrupt_during_the_check_leaves_nothing_half_written(workspace, monkeypatch):
+    from sparsedeploy.build import pipeline
+    from sparsedeploy.errors import Interrupted
+
+    for key, value in workspace["env"].items():
+        monkeypatch.setenv(key, value)
+
+    def interrupted(*args, **kwargs):
+        raise Interrupted("interrupted")
+
+    monkeypatch.setattr(pipeline, "latency_side_by_side", interrupted)
+    with pytest.raises(Interrupted):
+        pipeline.build(_request(workspace, "interrupted"))
+    assert not (workspace["root"] / "interrupted").exists()
+    assert not [p for p in workspace["root"].iterdir() if p.name.startswith(".interrupted")]
+
+
+def test_interrupt_during_an_artifact_build_leaves_no_cache_entry(workspace, monkeypatch, tmp_path):
+    from sparsedeploy.build import pipeline
+    from sparsedeploy.backends.onnxruntime_cpu import OnnxRuntimeBackend
+    from sparsedeploy.errors import Interrupted
+
+    for key, value in workspace["env"].items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("SPARSEDEPLOY_CACHE", str(tmp_path / "cache"))
+    real_build = OnnxRuntimeBackend.build
+
+    def build_then_interrupt(self, inputs, output_dir):
+        real_build(self, inputs, output_dir)
+        raise Interrupted("interrupted")
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "build", build_then_interrupt)
+    with pytest.raises(Interrupted):
+        pipeline.build(_request(workspace, "interrupted-build"))
+    artifacts = tmp_path / "cache" / "artifacts"
+    assert not [p for p in artifacts.iterdir() if p.is_dir()], "an interrupted build left a cache entry"
+    assert not (workspace["root"] / "interrupted-build").exists()
+
+
+def test_full_disk_is_a_clear_error_and_no_bundle(workspace, monkeypatch):
+    from sparsedeploy.build import bundle as bundles
+    from sparsedeploy.build import pipeline
+    from sparsedeploy.errors import SparsedeployError
+
+    for key, value in workspace["env"].items():
+        monkeypatch.setenv(key, value)
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(bundles.shutil, "copyfile", no_space)
+    with pytest.raises(SparsedeployError, match="no space left") as raised:
+        pipeline.build(_request(workspace, "full-disk"))
+    assert raised.value.exit_code == 2
+    assert not (workspace["root"] / "full-disk").exists()
+    assert not [p for p in workspace["root"].iterdir() if p.name.startswith(".full-disk")]

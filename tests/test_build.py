@@ -289,3 +289,29 @@ def test_full_disk_is_a_clear_error_and_no_bundle(workspace, monkeypatch):
     assert raised.value.exit_code == 2
     assert not (workspace["root"] / "full-disk").exists()
     assert not [p for p in workspace["root"].iterdir() if p.name.startswith(".full-disk")]
+
+
+@pytest.mark.default_model
+def test_default_model_builds_for_onnxruntime_end_to_end(tmp_path):
+    """The real default model, pruned to 2:4, through the real onnxruntime profile (fewer
+    windows and runs than the profile, for time); artifacts in a private build cache."""
+    env = {"SPARSEDEPLOY_BUILD_CACHE": str(tmp_path / "build-cache")}
+    pruned = tmp_path / "default-2of4"
+    result = run_cli("prune", "default", "-o", str(pruned), "--method", "magnitude", "--pattern", "2:4", env=env)
+    assert result.returncode == 0, result.stderr
+    bundle = tmp_path / "bundle"
+    result = run_cli("build", "--target", "onnxruntime", "--model", str(pruned), "-o", str(bundle), "--windows", "2",
+                     "--runs", "2", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert CONTRACT_KEYS <= set(report) and report["passed"] is True
+    assert report["checkpoint"]["dense_source"]["path"] == "default"
+    assert report["artifact"]["sparsity"] == pytest.approx(0.5, abs=1e-4)
+    assert report["artifact"]["nm_compliance"]["2:4"] == 1.0
+    quality = report["quality"]
+    assert quality["protocol"]["tokens"] == 2 * 1023
+    assert quality["ppl_target"] == pytest.approx(quality["ppl_reference"], rel=1e-3)
+    assert quality["top1_agreement"] >= 0.99 and quality["kl_mean"] < 1e-3
+    assert quality["ppl_dense"] < quality["ppl_target"]  # magnitude 2:4 costs quality
+    assert report["latency"]["sparse_kernels"] == "not-used"
+    assert report["artifact"]["bytes"] > 100 * 2**20

@@ -42,12 +42,18 @@ def content_key(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def build_cache_root() -> Path:
+    """SPARSEDEPLOY_BUILD_CACHE, else the tool's cache (beside the default model)."""
+    explicit = os.environ.get("SPARSEDEPLOY_BUILD_CACHE")
+    return Path(explicit).expanduser() if explicit else cache_root()
+
+
 def artifacts_dir() -> Path:
-    return cache_root() / "artifacts"
+    return build_cache_root() / "artifacts"
 
 
 def measurements_dir() -> Path:
-    return cache_root() / "measurements"
+    return build_cache_root() / "measurements"
 
 
 def cached_artifact(key: str, build: Callable[[Path], BuiltArtifact]) -> tuple[BuiltArtifact, bool]:

@@ -1,0 +1,129 @@
+"""The CPU targets on the default model: {dense, Wanda 50%, Wanda 70%, Wanda 2:4} x
+{fp32, int8, int4 where the engine has it} x {onnxruntime, deepsparse}.
+
+Each cell is one real `sparsedeploy build --target T --model M --quant Q --json`: the
+artifact runs in its engine, quality against the PyTorch reference on WikiText-2, and
+prefill/decode timed against the dense build of the same engine and precision, the two
+alternated run by run (the machine is noisy; ratios are what carry over). The pruned
+checkpoints are made once (calibration canterbury, 64 x 512, seed 0) and kept in
+benchmarks/work/. Results accumulate in benchmarks/results/cpu_targets.json (a rerun
+skips measured cells unless --redo). Asserts nothing.
+
+    .venv/bin/python benchmarks/cpu_targets.py [--models M ...] [--targets T ...]
+        [--precisions P ...] [--windows 4] [--redo] [--table]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results" / "cpu_targets.json"
+WORK = HERE / "work"
+CALIBRATION = ["--calib", "canterbury", "--nsamples", "64", "--seqlen", "512", "--seed", "0"]
+MODELS = {
+    "dense": None,
+    "wanda-50%": ["--method", "wanda", "--sparsity", "0.5"],
+    "wanda-70%": ["--method", "wanda", "--sparsity", "0.7"],
+    "wanda-2:4": ["--method", "wanda", "--pattern", "2:4"],
+}
+TARGETS = {"onnxruntime": ("fp32", "int8", "int4"), "deepsparse": ("fp32", "int8")}
+
+
+def cli(*args: str) -> tuple[subprocess.CompletedProcess, float]:
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "sparsedeploy", *args], capture_output=True, text=True)
+    return out, time.perf_counter() - started
+
+
+def checkpoint_for(model: str) -> str:
+    if MODELS[model] is None:
+        return "default"
+    path = WORK / model.replace(":", "of").replace("%", "pct")
+    if not (path / "sparsity.json").is_file():
+        print(f"pruning {model} ...", file=sys.stderr, flush=True)
+        out, _ = cli("prune", "default", "-o", str(path), *MODELS[model], *CALIBRATION, "--force")
+        if out.returncode != 0:
+            raise SystemExit(f"prune {model} failed: {out.stderr.strip()[-400:]}")
+    return str(path)
+
+
+def measure(model: str, target: str, precision: str, windows: int) -> dict:
+    quant = "none" if precision == "fp32" else precision
+    with tempfile.TemporaryDirectory() as scratch:
+        out, seconds = cli("build", "--target", target, "--model", checkpoint_for(model), "--quant", quant,
+                           "-o", str(Path(scratch) / "bundle"), "--windows", str(windows), "--fresh", "--json")
+    if out.returncode not in (0, 1):  # 1: a gate failed, the numbers are still measured
+        return {"error": (out.stderr.strip().splitlines() or ["?"])[-1][:300], "exit": out.returncode}
+    report = json.loads(out.stdout)
+    latency, quality = report["latency"], report["quality"]
+    return {
+        "ppl_target": quality["ppl_target"],
+        "ppl_reference": quality["ppl_reference"],
+        "kl_mean": quality["kl_mean"],
+        "top1_agreement": quality["top1_agreement"],
+        "prefill_tok_s": latency["sparse"]["prefill_tok_s"],
+        "decode_tok_s": latency["sparse"]["decode_tok_s"],
+        "dense_prefill_tok_s": latency["dense"]["prefill_tok_s"],
+        "dense_decode_tok_s": latency["dense"]["decode_tok_s"],
+        "speedup_prefill": latency["speedup"]["prefill"],
+        "speedup_decode": latency["speedup"]["decode"],
+        "sparse_kernels": latency["sparse_kernels"],
+        "artifact_mib": report["artifact"]["bytes"] / 2**20,
+        "artifact_sparsity": report["artifact"]["sparsity"],
+        "workload": latency["workload"],
+        "windows": quality["protocol"]["windows"],
+        "passed": report["passed"],
+        "build_s": round(seconds, 1),
+        "engine": f"{report['engine']['name']} {report['engine']['version']}",
+    }
+
+
+def print_table(results: dict) -> None:
+    print("| model | target | precision | ppl on target | top-1 vs ref | prefill tok/s | decode tok/s | "
+          "speedup prefill / decode | sparse kernels | artifact MiB | zeros in artifact |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for key, r in results.items():
+        model, target, precision = key.split("|")
+        if "error" in r:
+            print(f"| {model} | {target} | {precision} | error: {r['error']} |||||||")
+            continue
+        print(f"| {model} | {target} | {precision} | {r['ppl_target']:.2f} | {r['top1_agreement']:.3f} | "
+              f"{r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {r['speedup_prefill']:.2f}x / {r['speedup_decode']:.2f}x | "
+              f"{r['sparse_kernels']} | {r['artifact_mib']:.0f} | {r['artifact_sparsity']:.1%} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "int8", "int4"])
+    parser.add_argument("--windows", type=int, default=4, help="quality windows of 1024 tokens per cell")
+    parser.add_argument("--redo", action="store_true")
+    parser.add_argument("--table", action="store_true", help="print the saved table and exit")
+    args = parser.parse_args()
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    if not args.table:
+        for target in args.targets:
+            for precision in TARGETS[target]:
+                if precision not in args.precisions:
+                    continue
+                for model in args.models:
+                    key = f"{model}|{target}|{precision}"
+                    if key in results and "error" not in results[key] and not args.redo:
+                        continue
+                    print(f"measuring {key} ...", file=sys.stderr, flush=True)
+                    results[key] = measure(model, target, precision, args.windows)
+                    RESULTS.parent.mkdir(exist_ok=True)
+                    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print_table(results)
+
+
+if __name__ == "__main__":
+    main()

@@ -52,6 +52,9 @@ def workspace(tmp_path_factory, default_checkpoint):
     # A gate no build can pass: the bundle is still written, the exit code is 1.
     (targets / "impossible.toml").write_text(small_profile("onnxruntime") + "min_prefill_speedup = 100.0\n")
     shutil.copy(REPO / "targets" / "tensorrt.toml", targets / "tensorrt.toml")
+    static = small_profile("onnxruntime").replace("[check.quality]", '[build]\nint8_scheme = "int8-static-qdq"\n'
+                                                  'calib = "canterbury"\ncalib_nsamples = 4\ncalib_seqlen = 32\n\n[check.quality]')
+    (targets / "ort-static.toml").write_text(static)
     env = {"SPARSEDEPLOY_TARGETS": str(targets), "SPARSEDEPLOY_CACHE": str(root / "cache")}
 
     torch.manual_seed(0)
@@ -151,6 +154,38 @@ def test_check_reproduces_the_bundle(built, workspace):
     assert report["reproduction"]["reproduced"] is True
     assert report["quality"]["ppl_target"] == pytest.approx(built["report"]["quality"]["ppl_target"], rel=1e-6)
     assert report["passed"] is True
+
+
+@pytest.mark.parametrize("target, quant, scheme", [
+    ("onnxruntime", "int8", "int8-dynamic"),
+    ("ort-static", "int8", "int8-static-qdq"),
+    ("onnxruntime", "int4", "int4-weight-only"),
+])
+def test_quantized_builds_keep_the_zeros_and_track_the_reference(workspace, target, quant, scheme):
+    bundle = workspace["root"] / f"bundle-{target}-{quant}"
+    report = run_cli_json("build", "--target", target, "--model", str(workspace["pruned"]), "--quant", quant,
+                          "-o", str(bundle), env=workspace["env"])
+    assert report["precision"] == quant
+    assert report["artifact"]["details"]["quantization"]["scheme"] == scheme
+    # Symmetric weight quantization maps 0.0 to the zero point: the pattern survives.
+    assert report["artifact"]["nm_compliance"]["2:4"] == 1.0
+    assert 0.5 <= report["artifact"]["sparsity"] < 0.52
+    quality = report["quality"]
+    assert quality["top1_agreement"] >= 0.95 and quality["kl_mean"] < 0.01
+    assert quality["ppl_target"] != quality["ppl_reference"]  # really quantized
+    assert report["latency"]["sparse_kernels"] == "not-used"
+
+
+def test_static_int8_refuses_calibration_that_overlaps_the_evaluation_text(workspace):
+    profile = workspace["root"] / "targets" / "ort-static.toml"
+    overlapping = workspace["root"] / "targets-overlap"
+    overlapping.mkdir(exist_ok=True)
+    (overlapping / "ort-static.toml").write_text(profile.read_text().replace('calib = "canterbury"', 'calib = "wikitext2"'))
+    result = run_cli("build", "--target", "ort-static", "--model", str(workspace["pruned"]), "--quant", "int8", "-o",
+                     str(workspace["root"] / "overlap"), env={**workspace["env"], "SPARSEDEPLOY_TARGETS": str(overlapping)})
+    assert result.returncode == 2
+    assert "overlaps evaluation text" in result.stderr
+    assert not (workspace["root"] / "overlap").exists()
 
 
 def test_check_names_a_tampered_file(built, workspace):

@@ -94,7 +94,8 @@ class OnnxRuntimeBackend(Backend):
                 exported.path, output_dir, settings["scheme"], calibration_feeds=feeds,
                 block_size=settings.get("block_size", DEFAULT_INT4_BLOCK),
             )
-        details = {"export": _export_details(exported), "quantization": quantized.describe()}
+        quantization = {key: value for key, value in quantized.describe().items() if key != "sparsity"}
+        details = {"export": _export_details(exported), "quantization": quantization}
         return BuiltArtifact(output_dir, MODEL_FILE, inputs.precision, quantized.sparsity, details)
 
     def load(self, artifact: BuiltArtifact, workload: Workload) -> Session:

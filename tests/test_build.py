@@ -350,3 +350,18 @@ def test_default_model_builds_for_onnxruntime_end_to_end(tmp_path):
     assert quality["ppl_dense"] < quality["ppl_target"]  # magnitude 2:4 costs quality
     assert report["latency"]["sparse_kernels"] == "not-used"
     assert report["artifact"]["bytes"] > 100 * 2**20
+
+
+def test_build_all_builds_what_can_run_and_says_what_cannot(workspace):
+    targets = workspace["root"] / "targets-all"
+    targets.mkdir(exist_ok=True)
+    shutil.copy(workspace["root"] / "targets" / "onnxruntime.toml", targets / "onnxruntime.toml")
+    shutil.copy(REPO / "targets" / "tensorrt.toml", targets / "tensorrt.toml")
+    out = workspace["root"] / "all"
+    result = run_cli("build", "--all", "--model", str(workspace["pruned"]), "-o", str(out), "--json",
+                     env={**workspace["env"], "SPARSEDEPLOY_TARGETS": str(targets)})
+    assert result.returncode == 0, result.stderr
+    reports = json.loads(result.stdout)
+    assert [report["target"] for report in reports] == ["onnxruntime"]
+    assert (out / "onnxruntime" / "manifest.json").is_file()
+    assert "skipping targets that cannot run here: tensorrt" in result.stderr

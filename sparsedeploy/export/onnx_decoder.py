@@ -620,6 +620,13 @@ _QUANTIZED_LINEAR_OPS = {
     "DynamicQuantizeMatMul": (1, 2, 3),
     "MatMulIntegerToFloat": (1, 3, 5),
 }
+# ORT's blockwise weight-only op; B is packed [N, k_blocks, blob] (see _nbits_values).
+_NBITS_OP = "MatMulNBits"
+# Nodes a linear's output may pass through on its way to the logits in a quantized graph
+# (dequantize, rescale), when looking for the LM head.
+_OUTPUT_PASS_THROUGH = ("DequantizeLinear", "Cast", "Mul", "Identity", "Reshape")
+
+
 def _float_types() -> frozenset[int]:
     from onnx import TensorProto
 
@@ -630,15 +637,10 @@ def _weight_types() -> frozenset[int]:
     """Element types a linear weight may be stored in: float, or integer in quantized graphs."""
     from onnx import TensorProto
 
-    integers = (TensorProto.INT8, TensorProto.UINT8, TensorProto.INT4, TensorProto.UINT4, TensorProto.INT16, TensorProto.UINT16)
+    integers = (
+        TensorProto.INT8, TensorProto.UINT8, TensorProto.INT4, TensorProto.UINT4, TensorProto.INT16, TensorProto.UINT16
+    )
     return _float_types() | frozenset(integers)
-
-
-# ORT's blockwise weight-only op; B is packed [N, k_blocks, blob] (see _nbits_values).
-_NBITS_OP = "MatMulNBits"
-# Nodes a linear's output may pass through on its way to the logits in a quantized graph
-# (dequantize, rescale), when looking for the LM head.
-_OUTPUT_PASS_THROUGH = ("DequantizeLinear", "Cast", "Mul", "Identity", "Reshape")
 
 
 class _Use(NamedTuple):
@@ -781,7 +783,7 @@ def _broadcast_zero_point(points: np.ndarray, shape: tuple[int, ...], axis: int,
     return np.broadcast_to(points.reshape(view), shape)
 
 
-def _stored_nonzero(name: str, use: _Use, inits: dict, constants: dict) -> tuple[np.ndarray, list[int], str, dict | None] | None:
+def _stored_nonzero(name: str, use: _Use, inits: dict, constants: dict) -> tuple[np.ndarray, list, str, dict | None] | None:
     """(nonzero mask in the stored orientation, shape as stored (logical [N, K] for
     MatMulNBits), dtype, quantization description) of one linear weight; None where a
     zero point is computed at run time (not measurable)."""
@@ -836,6 +838,14 @@ def _uniform(points: np.ndarray):
     return first.item() if first is not None and bool(np.all(points == first)) else None
 
 
+def _out_in_shape(init, use: _Use) -> tuple[int, int]:
+    """A linear weight's (out, in) sizes, from its stored dims (MatMulNBits: its K, N)."""
+    if use.node.op_type == _NBITS_OP:
+        return int(_attribute(use.node, "N", 0)), int(_attribute(use.node, "K", 0))
+    dims = list(init.dims)
+    return dims[1 - use.input_axis], dims[use.input_axis]
+
+
 def _feeds_output(node, consumers: dict, outputs: set[str], hops: int = 3) -> bool:
     """Whether ``node``'s output reaches a graph output directly or through a few
     dequantize / rescale nodes (the logits of a quantized LM head)."""
@@ -862,50 +872,53 @@ def sparsity_report(proto) -> dict:
     graph_outputs = {output.name for output in graph.output}
 
     embeddings = [n for n, found in uses.items() if any(use.kind == "embedding" for use in found)]
-    measured = {}  # name -> (nonzero [out, in], shape as stored, input axis, dtype, quantization)
+    linear = {}  # name -> its first linear use (input axis, and the op that holds it)
     lm_head_name = None
     for name, found in uses.items():
         linear_uses = [use for use in found if use.kind == "linear"]
         if not linear_uses:
             continue
-        stored = _stored_nonzero(name, linear_uses[0], inits, constants)
-        if stored is None:
-            continue
-        nonzero, shape, dtype, quantization = stored
-        axis = linear_uses[0].input_axis
-        measured[name] = (nonzero if axis == 1 else nonzero.T, shape, axis, dtype, quantization)  # rows = outputs
+        linear[name] = linear_uses[0]
         if any(_feeds_output(use.node, consumers, graph_outputs) for use in linear_uses):
             lm_head_name = name
     if lm_head_name is None:
         # No linear feeds a graph output: the one whose output dim is a vocab.
         vocabs = {inits[n].dims[0] for n in embeddings}
-        heads = [n for n, entry in measured.items() if entry[0].shape[0] in vocabs]
+        heads = [n for n, use in linear.items() if _out_in_shape(inits[n], use)[0] in vocabs]
         lm_head_name = heads[-1] if heads else None
 
     patterns = {p: parse_nm(p) for p in MEASURED_PATTERNS}
 
-    def measure(name: str) -> tuple[dict, int, dict]:
-        nonzero, shape, axis, dtype, quantization = measured[name]
+    def measure(name: str) -> tuple[dict, int, int, dict] | None:
+        """(report entry, zeros, elements, N:M groups) of one weight, or None where it
+        cannot be measured. One weight at a time: peak memory stays one weight's mask."""
+        use = linear[name]
+        stored = _stored_nonzero(name, use, inits, constants)
+        if stored is None:
+            return None
+        nonzero, shape, dtype, quantization = stored
+        nonzero = nonzero if use.input_axis == 1 else nonzero.T  # rows = outputs, columns = inputs
         zeros = nonzero.size - int(np.count_nonzero(nonzero))
         entry = {
             "name": name,
             "shape": shape,  # as stored in the graph (MatMulNBits: its logical [N, K])
-            "input_axis": axis,
+            "input_axis": use.input_axis,
             "dtype": dtype,
             "quantization": quantization,
             "zero_fraction": zeros / nonzero.size if nonzero.size else 0.0,
             "compliance": {p: nm_compliance(nonzero, pattern) for p, pattern in patterns.items()},
         }
         groups = {p: nonzero.shape[0] * (nonzero.shape[1] // pattern.m) for p, pattern in patterns.items()}
-        return entry, zeros, groups
+        return entry, zeros, nonzero.size, groups
 
     weights, total, zeros, groups, compliant = [], 0, 0, defaultdict(int), defaultdict(float)
-    for name in measured:
-        if name == lm_head_name:
+    for name in linear:
+        measured = None if name == lm_head_name else measure(name)
+        if measured is None:
             continue
-        entry, entry_zeros, entry_groups = measure(name)
+        entry, entry_zeros, elements, entry_groups = measured
         weights.append(entry)
-        total += measured[name][0].size
+        total += elements
         zeros += entry_zeros
         for pattern, count in entry_groups.items():
             groups[pattern] += count
@@ -914,21 +927,21 @@ def sparsity_report(proto) -> dict:
 
     lm_head = embedding_name = None
     tied = duplicated = False
-    if lm_head_name is not None:
-        lm_head = measure(lm_head_name)[0]
+    measured_head = None if lm_head_name is None else measure(lm_head_name)
+    if measured_head is not None:
+        lm_head = measured_head[0]
         if lm_head_name in embeddings:
             embedding_name, tied = lm_head_name, True
         else:
-            head_shape = measured[lm_head_name][0].shape  # [out, in]
+            head_shape = _out_in_shape(inits[lm_head_name], linear[lm_head_name])
             same_shape = [n for n in embeddings if tuple(inits[n].dims) == head_shape]
             if same_shape:
                 embedding_name = same_shape[0]
                 head, table = inits[lm_head_name], inits[embedding_name]
                 if head.data_type == table.data_type and lm_head["quantization"] is None:
                     stored = numpy_helper.to_array(head)
-                    tied = duplicated = bool(
-                        np.array_equal(stored if measured[lm_head_name][2] == 1 else stored.T, numpy_helper.to_array(table))
-                    )
+                    out_in = stored if linear[lm_head_name].input_axis == 1 else stored.T
+                    tied = duplicated = bool(np.array_equal(out_in, numpy_helper.to_array(table)))
         lm_head["shared_with_embedding"] = lm_head_name in embeddings
     if embedding_name is None and embeddings:
         embedding_name = max(embeddings, key=lambda n: inits[n].dims[0])

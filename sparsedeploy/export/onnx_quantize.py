@@ -28,9 +28,17 @@ graph (``onnx_decoder.sparsity_report`` reads integer weights against their zero
 it can exceed the float sparsity (weights under half a quantization step round to zero,
 much more so at 4 bits), and N:M compliance can only go up.
 
-The LM head stays float (``LM_HEAD_FLOAT``, measured below). A tied head is a Transpose
-of the embedding, which none of these quantizers treat as a weight anyway; an untied
-head is excluded by node name.
+Weights are quantized per tensor in the int8 schemes. Per channel (``per_channel=True``,
+axis 1 = output columns of our [in, out] weights) would be finer, but ORT 1.32's fused
+CPU kernels compute such graphs wrongly: correct with graph optimisation disabled (tiny
+model: relative logit error 0.024 vs 0.025 per tensor), wrong with it (0.075; SmolLM2
+perplexity 4e6 with quantize_dynamic, 4199 with QDQ). Revisit with a newer ORT.
+
+Some linear layers stay float, chosen by measurement (``FLOAT_LAYERS``): the LM head
+always, and for the int8 schemes the MLP down projections, whose input activations have
+outliers a per-tensor 8-bit scale cannot hold. A tied head is a Transpose of the
+embedding, which none of these quantizers treat as a weight anyway; the others are
+excluded by node name.
 
 Preprocessing: ORT recommends ``quant_pre_process`` (symbolic shape inference + ORT's
 basic graph optimisation). It is not run here: its constant folding turns the tied
@@ -62,6 +70,7 @@ from sparsedeploy.export.onnx_decoder import (
     _first_line,
     _lower_ir_version,
     _save,
+    _weight_types,
     _weight_uses,
     sparsity_report,
 )
@@ -76,8 +85,30 @@ MIN_BLOCK_SIZE = 16
 # quantize_dynamic nor the 4-bit quantizer handles it, and every scheme should quantize
 # the same layers.
 OP_TYPES = ("MatMul",)
-# LM head in float. Measured (see the notes in the module's report): TODO fill in.
-LM_HEAD_FLOAT = True
+# Linear layers each scheme leaves in float unless ``float_layers`` says otherwise:
+# "lm_head", and "mlp_down", the MLP down projections (see mlp_down_nodes), for the
+# int8 schemes, which quantize activations too. Measured on SmolLM2-135M (tied head),
+# WikiText-2 2 x 512 tokens, float export ppl 26.82 (539 MB); static schemes calibrated
+# on Canterbury 16 x 256:
+#   int8-dynamic, all linears      ppl 47.6  top-1 vs float 0.60  222 MB
+#   int8-dynamic, mlp_down float   ppl 28.2  top-1 0.84           301 MB
+#   int8-static (QDQ = QOperator)  ppl 99.7 -> 28.9 with mlp_down float (top-1 0.40 -> 0.80)
+#   (reduce_range or uint8 weights do not help: 49.4 / 45.8; it is not AVX2 saturation
+#   but the down projections' input, SiLU(gate) * up, whose outlier channels a
+#   per-tensor 8-bit activation scale cannot hold.) The int4 scheme keeps activations
+#   float and quantizes the down projections fine.
+#   LM head quantized instead of float (through an untied copy, since the tied head
+#   shares the float embedding the Gather needs): int8-dynamic ppl 28.9 vs 28.2 and
+#   +28 MB; int4 ppl 35.0 vs 32.1 and +18 MB. On the tiny random test model (untied head)
+#   quantizing the head raises the relative RMS logit error too: int8-dynamic 0.017 ->
+#   0.021, int4 0.089 -> 0.124. So the head stays float: better, and smaller when tied.
+FLOAT_LAYER_KINDS = ("lm_head", "mlp_down")
+FLOAT_LAYERS = {
+    "int8-dynamic": ("lm_head", "mlp_down"),
+    "int8-static-qdq": ("lm_head", "mlp_down"),
+    "int8-static-qoperator": ("lm_head", "mlp_down"),
+    "int4-weight-only": ("lm_head",),
+}
 
 
 @dataclass
@@ -119,6 +150,7 @@ def quantize_onnx(
     scheme: str,
     calibration_feeds=None,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    float_layers=None,
 ) -> QuantizeResult:
     """Quantize ``src`` (an exported ``model.onnx``, external data beside it) into the
     existing empty directory ``dst_dir`` (``model.onnx`` + ``model.onnx.data``, relative).
@@ -126,21 +158,27 @@ def quantize_onnx(
     ``calibration_feeds``: for the static schemes, an iterable of input dicts (name ->
     numpy array) covering the graph's inputs, e.g. :func:`calibration_feeds_from_windows`
     on calibration text (never the evaluation text). ``block_size``: int4 only.
+    ``float_layers``: which linear layers stay float, a subset of FLOAT_LAYER_KINDS;
+    None: the scheme's measured default (FLOAT_LAYERS).
     """
     import onnx
 
+    started = time.perf_counter()
     src, dst_dir = Path(src).expanduser(), Path(dst_dir).expanduser()
     _check_arguments(src, dst_dir, scheme, calibration_feeds, block_size)
+    kinds = _check_float_layers(FLOAT_LAYERS[scheme] if float_layers is None else float_layers)
     try:
         proto = onnx.load(str(src), load_external_data=True)
     except Exception as error:
-        raise BadInput(f"could not read ONNX model '{src}' ({_first_line(error)}); keep model.onnx and its .data file together") from None
+        raise BadInput(
+            f"could not read ONNX model '{src}' ({_first_line(error)}); keep model.onnx and its .data file together"
+        ) from None
     feeds = None
     if scheme in STATIC_SCHEMES:
         feeds = _check_feeds(list(calibration_feeds), proto.graph)
 
-    started = time.perf_counter()
-    exclude = lm_head_nodes(proto) if LM_HEAD_FLOAT else []
+    finders = {"lm_head": lm_head_nodes, "mlp_down": mlp_down_nodes}
+    exclude = [name for kind in kinds for name in finders[kind](proto)]
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     work = Path(tempfile.mkdtemp(prefix=".quantize-", dir=dst_dir))
     try:
@@ -172,7 +210,7 @@ def quantize_onnx(
     size = sum((dst_dir / name).stat().st_size for name in files)
     import onnxruntime
 
-    settings = {"onnxruntime": onnxruntime.__version__, **settings, "lm_head": "float" if LM_HEAD_FLOAT else "quantized"}
+    settings = {"onnxruntime": onnxruntime.__version__, "float_layers": list(kinds), **settings}
     return QuantizeResult(
         path=dst_dir / MODEL_FILE,
         scheme=scheme,
@@ -197,15 +235,23 @@ def calibration_feeds_from_windows(windows, graph_path: Path | str) -> list[dict
         raise BadInput(f"ONNX model '{path}' does not exist; pass the model.onnx of an export directory")
     windows = np.asarray(windows.cpu().numpy() if hasattr(windows, "cpu") else windows)
     if windows.ndim != 2 or 0 in windows.shape or not np.issubdtype(windows.dtype, np.integer):
-        raise BadInput(f"calibration windows must be token ids [n, seqlen] (got {windows.dtype} {list(windows.shape)}); use sparsedeploy.data.windows.calibration_windows")
+        raise BadInput(
+            f"calibration windows must be token ids [n, seqlen] (got {windows.dtype} {list(windows.shape)}); "
+            "use sparsedeploy.data.windows.calibration_windows"
+        )
     graph = onnx.load(str(path), load_external_data=False).graph
     shapes = {value.name: _dims(value) for value in graph.input}
     if "input_ids" not in shapes or not any(name.startswith("past_key_values.") for name in shapes):
-        raise BadInput(f"'{path}' is not a decoder exported with a KV cache (no input_ids / past_key_values inputs); export it with export_decoder")
+        raise BadInput(
+            f"'{path}' is not a decoder exported with a KV cache (no input_ids / past_key_values inputs); "
+            "export it with export_decoder"
+        )
     seqlen = windows.shape[1]
     vocab = next((_dims(v)[-1] for v in graph.output if v.name == "logits"), None)
     if isinstance(vocab, int) and (windows.min() < 0 or windows.max() >= vocab):
-        raise BadInput(f"calibration windows hold token ids outside [0, {vocab}); tokenize the text with this model's tokenizer")
+        raise BadInput(
+            f"calibration windows hold token ids outside [0, {vocab}); tokenize the text with this model's tokenizer"
+        )
     past = {}
     for name, dims in shapes.items():
         if name.startswith("past_key_values."):
@@ -221,7 +267,9 @@ def calibration_feeds_from_windows(windows, graph_path: Path | str) -> list[dict
             )
         if name.startswith("past_key_values."):
             if not (isinstance(dims[1], int) and isinstance(dims[3], int)):
-                raise BadInput(f"'{path}' input {name} has no fixed kv_heads / head_dim ({dims}); export it with export_decoder")
+                raise BadInput(
+                    f"'{path}' input {name} has no fixed kv_heads / head_dim ({dims}); export it with export_decoder"
+                )
             past[name] = np.zeros((1, dims[1], 0, dims[3]), np.float32)
     positions = np.arange(seqlen, dtype=np.int64)[None]
     return [
@@ -236,25 +284,53 @@ def calibration_feeds_from_windows(windows, graph_path: Path | str) -> list[dict
 
 
 def lm_head_nodes(proto) -> list[str]:
-    """Names of the nodes that apply the LM head (the linear whose output is the logits)
-    with a constant weight: what the quantizers are told to leave in float. A tied head
-    (a Transpose of the embedding) has no constant B and is left alone by them anyway."""
+    """Names of the nodes that apply the LM head (the linear whose output is the logits),
+    which the quantizers are told to leave float. A tied head's MatMul is listed too,
+    though its B (a Transpose of the embedding) is no constant weight to them anyway."""
     graph = proto.graph
-    inits = {init.name: init for init in graph.initializer}
     consumers = _consumers(graph)
     outputs = {output.name for output in graph.output}
     names = []
-    for found in _weight_uses(graph, inits).values():
+    for found in _weight_uses(graph, _weight_initializers(graph)).values():
         for use in found:
             if use.kind == "linear" and _feeds_output(use.node, consumers, outputs):
                 names.append(use.node.name)
     return names
 
 
+def mlp_down_nodes(proto) -> list[str]:
+    """Names of the MLP down projections: MatMuls whose constant weight B [K, N] maps a
+    wider activation back to the hidden size (N = the token embedding's width < K), e.g.
+    Llama's down_proj; found from the graph's shapes, not from names. (Where attention is
+    wider than the hidden size, as in some Gemma 3 sizes, the attention output projection
+    matches too and stays float with them.)"""
+    graph = proto.graph
+    inits = _weight_initializers(graph)
+    embeddings = [
+        inits[name] for name, found in _weight_uses(graph, inits).items() if any(use.kind == "embedding" for use in found)
+    ]
+    if not embeddings:
+        return []
+    hidden = max(embeddings, key=lambda init: init.dims[0]).dims[1]
+    names = []
+    for node in graph.node:
+        weight = inits.get(node.input[1]) if node.op_type in OP_TYPES and len(node.input) > 1 else None
+        if weight is not None and len(weight.dims) == 2 and weight.dims[1] == hidden < weight.dims[0]:
+            names.append(node.name)
+    return names
+
+
+def _weight_initializers(graph) -> dict:
+    return {init.name: init for init in graph.initializer if init.data_type in _weight_types()}
+
+
 # -- the four quantizers ------------------------------------------------------------
 
 
 def _quantize_dynamic(src: Path, out: Path, exclude: list[str]) -> dict:
+    """quantize_dynamic: int8 weights, symmetric per tensor (WeightSymmetric set rather
+    than implied by QInt8), each a MatMulInteger with its zero point as an explicit input
+    (DeepSparse aborts without one); activations quantized per call (uint8)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     options = {"WeightSymmetric": True, "MatMulConstBOnly": True}
@@ -271,6 +347,11 @@ def _quantize_dynamic(src: Path, out: Path, exclude: list[str]) -> dict:
 
 
 def _quantize_static(src: Path, out: Path, scheme: str, feeds: list[dict], exclude: list[str]) -> dict:
+    """quantize_static, QDQ or QOperator: int8 symmetric weights and uint8 asymmetric
+    activations (ORT's advice for x86 CPUs), per tensor, ranges from MinMax calibration
+    on the feeds. reduce_range stays off: it did not help quantize_dynamic on an AVX2
+    machine without VNNI (see FLOAT_LAYERS), so u8s8 saturation is not what limits quality."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     options = {"WeightSymmetric": True, "ActivationSymmetric": False, "MatMulConstBOnly": True}
@@ -285,8 +366,32 @@ def _quantize_static(src: Path, out: Path, scheme: str, feeds: list[dict], exclu
         "nodes_to_exclude": list(exclude),
         "extra_options": options,
     }
-    quantize_static(src, out, _FeedReader(feeds), use_external_data_format=True, **settings)
-    return {"quantizer": "quantize_static", **_plain(settings), "calibration_samples": len(feeds)}
+    # The QDQ quantizer ignores MatMulConstBOnly: name attention's activation x activation
+    # MatMuls (and a tied head's, whose B is a Transpose output) to keep them float.
+    products = _activation_matmuls(src)
+    call = {**settings, "nodes_to_exclude": settings["nodes_to_exclude"] + products}
+    try:
+        quantize_static(src, out, _FeedReader(feeds), use_external_data_format=True, **call)
+    except InvalidArgument as error:  # a feed of the wrong dtype or rank
+        raise BadInput(
+            f"calibration feeds do not run in ONNX Runtime ({_first_line(error)}); "
+            "build them with calibration_feeds_from_windows"
+        ) from None
+    return {
+        "quantizer": "quantize_static",
+        **_plain(settings),
+        "activation_matmuls_excluded": len(products),
+        "calibration_samples": len(feeds),
+    }
+
+
+def _activation_matmuls(path: Path) -> list[str]:
+    """Names of the MatMuls whose B is not a constant weight."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    constants = {init.name for init in graph.initializer}
+    return [node.name for node in graph.node if node.op_type in OP_TYPES and node.input[1] not in constants]
 
 
 class _FeedReader:
@@ -387,12 +492,25 @@ def _check_arguments(src: Path, dst_dir: Path, scheme: str, calibration_feeds, b
     if any(dst_dir.iterdir()):
         raise BadInput(f"output directory '{dst_dir}' is not empty; pass an empty directory")
     if scheme in STATIC_SCHEMES and calibration_feeds is None:
-        raise BadInput(f"scheme '{scheme}' needs calibration_feeds; build them with calibration_feeds_from_windows on calibration text")
+        raise BadInput(
+            f"scheme '{scheme}' needs calibration_feeds; build them with calibration_feeds_from_windows on calibration text"
+        )
     if scheme not in STATIC_SCHEMES and calibration_feeds is not None:
-        raise BadInput(f"scheme '{scheme}' takes no calibration_feeds; pass none, or use {' or '.join(STATIC_SCHEMES)}")
+        raise BadInput(
+            f"scheme '{scheme}' takes no calibration_feeds; pass none, or use {' or '.join(STATIC_SCHEMES)}"
+        )
     if scheme == "int4-weight-only":
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < MIN_BLOCK_SIZE or block_size & (block_size - 1):
+        whole = isinstance(block_size, int) and not isinstance(block_size, bool)
+        if not whole or block_size < MIN_BLOCK_SIZE or block_size & (block_size - 1):
             raise BadInput(f"int4 block_size {block_size!r} is not a power of two >= {MIN_BLOCK_SIZE}; use e.g. 32 or 128")
+
+
+def _check_float_layers(kinds) -> tuple[str, ...]:
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    unknown = [kind for kind in kinds if kind not in FLOAT_LAYER_KINDS]
+    if unknown:
+        raise BadInput(f"float_layers {unknown} unknown; choose from {', '.join(FLOAT_LAYER_KINDS)} (or none)")
+    return tuple(dict.fromkeys(kinds))
 
 
 def _check_feeds(feeds: list[dict], graph) -> list[dict]:
@@ -404,7 +522,8 @@ def _check_feeds(feeds: list[dict], graph) -> list[dict]:
         if names != wanted:
             missing, unknown = sorted(wanted - names), sorted(names - wanted)
             raise BadInput(
-                f"calibration feed {index} does not match the graph's inputs (missing {missing[:3]}, unknown {unknown[:3]}); "
+                f"calibration feed {index} does not match the graph's inputs "
+                f"(missing {missing[:3]}, unknown {unknown[:3]}); "
                 "build feeds with calibration_feeds_from_windows"
             )
     return feeds

@@ -52,8 +52,9 @@ def workspace(tmp_path_factory, default_checkpoint):
     # A gate no build can pass: the bundle is still written, the exit code is 1.
     (targets / "impossible.toml").write_text(small_profile("onnxruntime") + "min_prefill_speedup = 100.0\n")
     shutil.copy(REPO / "targets" / "tensorrt.toml", targets / "tensorrt.toml")
-    static = small_profile("onnxruntime").replace("[check.quality]", '[build]\nint8_scheme = "int8-static-qdq"\n'
-                                                  'calib = "canterbury"\ncalib_nsamples = 4\ncalib_seqlen = 32\n\n[check.quality]')
+    static = (small_profile("onnxruntime").replace('int8_scheme = "int8-dynamic"', 'int8_scheme = "int8-static-qdq"')
+              .replace("calib_nsamples = 16", "calib_nsamples = 4").replace("calib_seqlen = 256", "calib_seqlen = 32"))
+    assert 'int8_scheme = "int8-static-qdq"' in static and "calib_seqlen = 32" in static
     (targets / "ort-static.toml").write_text(static)
     env = {"SPARSEDEPLOY_TARGETS": str(targets), "SPARSEDEPLOY_CACHE": str(root / "cache")}
 

@@ -8,6 +8,7 @@ import statistics
 
 from sparsedeploy.backends.base import LatencySamples, Session, Workload
 from sparsedeploy.checks.quality import LogitsFn, evaluate
+from sparsedeploy.ui import progress_iter
 
 
 def quality_against_reference(session: Session, windows, reference: LogitsFn, label: str) -> dict:
@@ -52,20 +53,18 @@ def latency_summary(samples: LatencySamples, batch: int, prompt_tokens: int) -> 
     }
 
 
-def latency_side_by_side(sparse: Session, dense: Session, workload: Workload, progress=None) -> list[dict]:
+def latency_side_by_side(sparse: Session, dense: Session, workload: Workload) -> list[dict]:
     """Per batch size: sparse and dense timed alternately, one run at a time, so that a
     machine that slows down mid-measurement slows both alike."""
     rows = []
     for batch in workload.batches:
         collected = {"sparse": LatencySamples([], []), "dense": LatencySamples([], [])}
-        for run in range(workload.runs):
+        for run in progress_iter(range(workload.runs), f"latency, batch {batch}, sparse and dense", total=workload.runs):
             for name, session in (("sparse", sparse), ("dense", dense)):
                 # The first run of each session carries the warm-up.
                 samples = session.measure_latency(batch, workload.prompt_tokens, workload.new_tokens, 1, workload.warmup if run == 0 else 0)
                 collected[name].prefill_ms += samples.prefill_ms
                 collected[name].decode_ms += samples.decode_ms
-            if progress is not None:
-                progress(batch, run)
         summary = {name: latency_summary(samples, batch, workload.prompt_tokens) for name, samples in collected.items()}
         speedup = {
             "prefill": summary["dense"]["prefill_ms_p50"] / summary["sparse"]["prefill_ms_p50"],

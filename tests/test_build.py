@@ -189,6 +189,32 @@ def test_static_int8_refuses_calibration_that_overlaps_the_evaluation_text(works
     assert not (workspace["root"] / "overlap").exists()
 
 
+def test_deepsparse_build_and_check_through_the_pipeline(workspace):
+    from sparsedeploy.backends.deepsparse_cpu import DeepSparseBackend
+
+    availability = DeepSparseBackend().availability()
+    if not availability.available:
+        pytest.skip(availability.reason)
+    targets = workspace["root"] / "targets-ds"
+    targets.mkdir(exist_ok=True)
+    # The tiny model's speed ratio is noise: this test is about the pipeline, not the gate.
+    profile = small_profile("deepsparse").replace("min_prefill_speedup = 1.0", "")
+    (targets / "deepsparse.toml").write_text(profile)
+    env = {**workspace["env"], "SPARSEDEPLOY_TARGETS": str(targets)}
+    bundle = workspace["root"] / "bundle-deepsparse"
+    report = run_cli_json("build", "--target", "deepsparse", "--model", str(workspace["pruned"]), "-o", str(bundle), env=env)
+    assert report["engine"]["name"] == "deepsparse" and report["engine"]["version"].startswith("1.8")
+    assert report["artifact"]["sparsity"] == pytest.approx(0.5, abs=1e-6)
+    assert report["artifact"]["nm_compliance"]["2:4"] == 1.0
+    quality = report["quality"]
+    assert quality["ppl_target"] == pytest.approx(quality["ppl_reference"], rel=1e-3)
+    assert quality["top1_agreement"] >= 0.99
+    assert report["latency"]["sparse_kernels"] in ("used", "not-used", "unknown")
+    assert report["latency"]["engine_kernels"]["evidence"]
+    again = run_cli_json("check", str(bundle), env=env)
+    assert again["reproduction"]["reproduced"] is True
+
+
 def test_check_names_a_tampered_file(built, workspace):
     copy = workspace["root"] / "tampered"
     shutil.copytree(built["bundle"], copy)

@@ -32,9 +32,16 @@ dynamic graph, through ``input_shapes``) with a fixed context C and a non-empty 
 - prefill of P prompt tokens: seq P, past 1 (masked), on the "last" graph (logits of the
   last position only, as a serving engine computes them);
 - decode: seq 1, past C-1 with C = P + G. The first decode past is the prefill's present
-  without its masked slot, left-padded with G-1 zero slots (masked); after each step the
-  next past is present[:, :, 1:], which drops the oldest slot, always a masked one
-  (step k has P+k real tokens among C slots).
+  without its masked slot, left-padded with G-1 zero slots (masked). Step k (1..G) has
+  P+k real tokens among its C slots. Then, per ``kv_update``:
+  "in-place": the step's key/value (present[:, :, -1]) is copied into the next masked
+  slot of the same past buffers and unmasked. Attention does not depend on the order
+  of the slots (keys carry their rotary position already, position_ids are explicit),
+  so this is exact and costs one slot per step, as a serving engine's cache does.
+  "shift": the next past is present[:, :, 1:], dropping the oldest slot (always a
+  masked one): a copy of the whole cache per step (~13 ms for SmolLM2-135M at 288
+  slots), but slot order stays time order, which models whose sliding window the
+  export applies by slot distance need.
 """
 
 from __future__ import annotations
@@ -54,6 +61,8 @@ _CHANNEL = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
 os.dup2(2, 1)
 sys.stdout = sys.stderr
 _SEND_LOCK = threading.Lock()
+# How a decode step's key/value enters the cache (see the module docstring).
+KV_UPDATES = ("in-place", "shift")
 
 import deepsparse  # noqa: E402  (after the redirection: its banner goes to stderr)
 from deepsparse import Engine  # noqa: E402
@@ -81,6 +90,7 @@ class Worker:
         self.engines: dict[tuple, Engine] = {}
         self.fractions: dict[str, float] = {}  # engine shape -> fraction_of_supported_ops
         self.threads = 1
+        self.kv_update = "shift"
         self.geometry: dict = {}
         self.current = None  # request id, for progress messages
 
@@ -90,8 +100,11 @@ class Worker:
     # -- ops -------------------------------------------------------------------
 
     def op_load(self, graphs: dict, threads: int, num_layers: int, kv_heads: int, head_dim: int, vocab: int,
-                input_names: list) -> dict:
+                input_names: list, kv_update: str = "shift") -> dict:
+        if kv_update not in KV_UPDATES:
+            raise ValueError(f"kv_update must be one of {KV_UPDATES}, not {kv_update!r}")
         self.threads = int(threads)
+        self.kv_update = kv_update
         self.geometry = {"num_layers": int(num_layers), "kv_heads": int(kv_heads), "head_dim": int(head_dim),
                          "vocab": int(vocab), "input_names": list(input_names)}
         for name, path in graphs.items():
@@ -145,11 +158,10 @@ class Worker:
                 num_warmup_iterations=0, input_shapes=self.input_shapes(b, seq, past),
             )
             if phase == "prefill":
-                ids = np.zeros((b, seq), np.int64)
-                feeds = self.prefill_feeds(ids)
-            else:
-                feeds = self.decode_feeds(np.zeros((b, 1), np.int64), past + 1, seq=1, real=past + 1,
-                                          past=self.zero_past(b, past))
+                feeds = self.prefill_feeds(np.zeros((b, seq), np.int64))
+            else:  # the last decode step: every slot holds a token
+                feeds = [np.zeros((b, 1), np.int64), np.ones((b, past + 1), np.int64),
+                         np.full((b, 1), past, np.int64), *self.zero_past(b, past)]
             analysis = engine.analyze(feeds, val_inp=False)
             report[phase] = summarize_analysis(analysis)
             report[phase].update({"batch": b, "seq": seq, "past": past,
@@ -171,6 +183,7 @@ class Worker:
         feeds = self.prefill_feeds(prompt)
         masks, positions = self.decode_schedule(batch, length, steps)
         kv_shape = (batch, self.geometry["kv_heads"], context - 1, self.geometry["head_dim"])
+        in_place = self.kv_update == "in-place"
         kept = []
 
         started = time.perf_counter()
@@ -184,7 +197,7 @@ class Worker:
         past = []
         for present in outputs[1:]:
             padded = np.zeros(kv_shape, np.float32)
-            padded[:, :, steps - 1:] = present[:, :, 1:]  # drop the masked slot, pad G-1 masked slots
+            padded[:, :, steps - 1:] = present[:, :, 1:]  # drop the masked slot, G-1 masked slots in front
             past.append(padded)
         for step in range(steps):
             token = forced[:, step:step + 1] if forced is not None else np.argmax(logits, axis=-1).astype(np.int64)[:, None]
@@ -192,7 +205,13 @@ class Worker:
             logits = outputs[0][:, -1]
             if forced is not None:
                 kept.append(logits.copy())
-            past = [np.ascontiguousarray(present[:, :, 1:]) for present in outputs[1:]]
+            if step + 1 == steps:
+                break
+            if in_place:  # this token's key/value into the next masked slot
+                for buffer, present in zip(past, outputs[1:]):
+                    buffer[:, :, step] = present[:, :, -1]
+            else:  # slide: drop the oldest slot (a masked one)
+                past = [np.ascontiguousarray(present[:, :, 1:]) for present in outputs[1:]]
         decode_s = time.perf_counter() - started
         return prefill_s, decode_s, kept
 
@@ -211,21 +230,22 @@ class Worker:
         positions = np.ascontiguousarray(np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length)))
         return [np.ascontiguousarray(ids), mask, positions, *self.zero_past(batch, 1)]
 
-    def decode_feeds(self, token, context, seq, real, past) -> list:
-        batch = token.shape[0]
-        mask = np.zeros((batch, context), np.int64)
-        mask[:, context - real:] = 1
-        positions = np.full((batch, seq), real - 1, np.int64)
-        return [np.ascontiguousarray(token), mask, positions, *past]
-
     def decode_schedule(self, batch: int, length: int, steps: int):
-        """Attention masks [B, C] and position ids [B, 1] of each decode step (untimed)."""
+        """Attention masks [B, C] and position ids [B, 1] of each decode step (untimed).
+        Step s (0-based) sees the prompt, s generated tokens and its own: P + s + 1 of
+        the C = P + G slots. Shift: those are the last slots. In place: the prompt sits
+        in the last P slots before the new one, and generated token i in slot i."""
         context = length + steps
         masks, positions = [], []
-        for step in range(1, steps + 1):
-            real = length + step  # tokens in the context after this step's token
+        for step in range(steps):
+            real = length + step + 1
             mask = np.zeros((batch, context), np.int64)
-            mask[:, context - real:] = 1
+            if self.kv_update == "in-place":
+                mask[:, :step] = 1
+                mask[:, steps - 1:] = 1
+            else:
+                mask[:, context - real:] = 1
+            assert int(mask[0].sum()) == real
             masks.append(mask)
             positions.append(np.full((batch, 1), real - 1, np.int64))
         return masks, positions

@@ -32,10 +32,16 @@ def gates_for(profile_gates: dict, precision: str) -> dict:
     return gates
 
 
+LATENCY_GATES = ("min_prefill_speedup", "min_decode_speedup")
+
+
 def evaluate_gates(report: dict, gates: dict) -> list[dict]:
+    """Each known gate of the profile against the report. Speedup gates do not apply when
+    the checkpoint is its own dense baseline (a ratio of 1 plus noise would decide)."""
+    same_model = report["checkpoint"]["sha256"] == report["checkpoint"]["dense_source"]["sha256"]
     results = []
     for name, limit in gates.items():
-        if name not in GATE_KEYS:
+        if name not in GATE_KEYS or (same_model and name in LATENCY_GATES):
             continue
         getter, kind = GATE_KEYS[name]
         value = getter(report)

@@ -50,7 +50,9 @@ def workspace(tmp_path_factory, default_checkpoint):
     # A CPU profile that, like tensorrt, accepts only 2:4 checkpoints.
     (targets / "cpu-2of4.toml").write_text(small_profile("onnxruntime", patterns=["2:4"], precisions=["fp32", "int8"]))
     # A gate no build can pass: the bundle is still written, the exit code is 1.
-    (targets / "impossible.toml").write_text(small_profile("onnxruntime") + "min_prefill_speedup = 100.0\n")
+    impossible = small_profile("onnxruntime").replace("[gates]\n", "[gates]\nmin_prefill_speedup = 100.0\n", 1)
+    assert "min_prefill_speedup = 100.0" in impossible
+    (targets / "impossible.toml").write_text(impossible)
     shutil.copy(REPO / "targets" / "tensorrt.toml", targets / "tensorrt.toml")
     static = (small_profile("onnxruntime").replace('int8_scheme = "int8-dynamic"', 'int8_scheme = "int8-static-qdq"')
               .replace("calib_nsamples = 16", "calib_nsamples = 4").replace("calib_seqlen = 256", "calib_seqlen = 32"))

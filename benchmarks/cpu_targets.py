@@ -45,7 +45,7 @@ def cli(*args: str) -> tuple[subprocess.CompletedProcess, float]:
 def checkpoint_for(model: str) -> str:
     if MODELS[model] is None:
         return "default"
-    path = WORK / model.replace(":", "of").replace("%", "pct")
+    path = WORK / model.replace(":", "of").replace("%", "pct").replace("/", "-")  # as prune_quality.py --keep
     if not (path / "sparsity.json").is_file():
         print(f"pruning {model} ...", file=sys.stderr, flush=True)
         out, _ = cli("prune", "default", "-o", str(path), *MODELS[model], *CALIBRATION, "--force")

@@ -6,7 +6,7 @@ subprocess, so its peak RSS is that prune alone. Results accumulate in
 benchmarks/results/prune_quality.json (a rerun skips rows already measured unless
 --redo) and print as a table. Asserts nothing.
 
-    .venv/bin/python benchmarks/prune_quality.py [--rows ROW ...] [--redo] [--list]
+    .venv/bin/python benchmarks/prune_quality.py [--rows ROW ...] [--redo] [--list] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -52,10 +52,15 @@ def children_peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
-def measure(row: str) -> dict:
+def kept_name(row: str) -> str:
+    """The directory name a kept checkpoint gets (cpu_targets.py looks for the same)."""
+    return row.replace(":", "of").replace("%", "pct").replace("/", "-")
+
+
+def measure(row: str, keep: Path | None) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
-        output = Path(scratch) / "pruned"
-        pruned, prune_s = cli("prune", "default", "-o", str(output), *ROWS[row], *CALIBRATION)
+        output = keep / kept_name(row) if keep else Path(scratch) / "pruned"
+        pruned, prune_s = cli("prune", "default", "-o", str(output), *ROWS[row], *CALIBRATION, "--force")
         peak_rss = children_peak_rss_mib()
         evaluated, _ = cli("eval", str(output), *EVALUATION)
     measured = pruned["measured"]
@@ -75,13 +80,15 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", default=list(ROWS))
     parser.add_argument("--redo", action="store_true")
     parser.add_argument("--list", action="store_true")
+    parser.add_argument("--keep", type=Path, help="keep the pruned checkpoints in this directory "
+                        "(benchmarks/work is where cpu_targets.py looks)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.list:
         print("\n".join(ROWS))
         return
     if args.child:  # one row in a fresh process, so RUSAGE_CHILDREN is this row's prune alone
-        print(json.dumps(measure(args.child)))
+        print(json.dumps(measure(args.child, args.keep)))
         return
 
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
@@ -94,7 +101,8 @@ def main() -> None:
         if row in results and not args.redo:
             continue
         print(f"measuring {row} ...", file=sys.stderr, flush=True)
-        out = subprocess.run([sys.executable, __file__, "--child", row], capture_output=True, text=True)
+        keep = ["--keep", str(args.keep.resolve())] if args.keep else []
+        out = subprocess.run([sys.executable, __file__, "--child", row, *keep], capture_output=True, text=True)
         if out.returncode != 0:
             print(f"{row}: failed: {out.stderr.strip()[-300:]}", file=sys.stderr)
             continue

@@ -129,6 +129,7 @@ def test_bundle_layout_and_manifest(built):
     bundle = built["bundle"]
     names = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()}
     assert {"report.json", "report.md", "latency.png", "manifest.json", "artifact/model.onnx", "baseline/model.onnx",
+            "artifact/model.last.onnx", "baseline/model.last.onnx",
             "reference/model.safetensors", "reference/config.json", "reference/sparsity.json"} <= names
     manifest = json.loads((bundle / "manifest.json").read_text())
     listed = {entry["path"] for entry in manifest["files"]}

@@ -5,6 +5,8 @@ calibration, and bad input is refused with one line."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -391,3 +393,36 @@ def test_int4_is_byte_identical_to_ort_matmul_nbits_quantizer(tmp_path, exports)
         wanted = [n for n in theirs.model.model.graph.node if n.op_type == "MatMulNBits"]
         assert [(n.name, list(n.input), list(n.output), n.attribute) for n in nodes] == \
             [(n.name, list(n.input), list(n.output), n.attribute) for n in wanted]
+
+
+# -- the last-position graph that latency is timed on -----------------------------------
+
+
+@pytest.mark.parametrize("scheme", [None, "int8-dynamic", "int4-weight-only"])
+def test_last_position_graph_slices_before_the_head_and_matches_the_full_graph(tmp_path, exports, scheme):
+    from sparsedeploy.export.last_position import LAST_GRAPH, write_last_position_graph
+
+    import shutil
+
+    exported = exports["pruned"]
+    if scheme is None:  # a copy: the module's float export stays as the other tests expect it
+        full = Path(shutil.copytree(exported.path.parent, tmp_path / "float")) / MODEL_FILE
+    else:
+        full = quantize(exported, tmp_path / "q", scheme).path
+    before = sorted(p.name for p in full.parent.iterdir())
+    checked = write_last_position_graph(full, full.parent / LAST_GRAPH)
+
+    # The head (a float MatMul, or MatMulNBits at int4) runs on one position, and the new
+    # graph shares the weights file instead of copying it.
+    assert checked["slice_at"] == "lm_head input"
+    assert sorted(p.name for p in full.parent.iterdir()) == sorted(before + [LAST_GRAPH])
+    def external(path):
+        return sorted(init.name for init in onnx.load(str(path), load_external_data=False).graph.initializer
+                      if init.data_location == onnx.TensorProto.EXTERNAL)
+    assert external(full.parent / LAST_GRAPH) == external(full) != []
+    windows = tokens(2, 24, seed=5)
+    for feed in calibration_feeds_from_windows(windows, full):
+        want = session(full).run(["logits"], feed)[0][:, -1:]
+        got = session(full.parent / LAST_GRAPH).run(["logits"], feed)[0]
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

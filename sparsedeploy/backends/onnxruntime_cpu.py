@@ -27,6 +27,7 @@ from sparsedeploy.backends.base import (
     time_generation,
 )
 from sparsedeploy.errors import BadInput
+from sparsedeploy.export.last_position import LAST_GRAPH, write_last_position_graph
 
 # Which ONNX Runtime quantizer each precision uses unless the profile's [build] table
 # names another (`int8_scheme = "int8-static-qdq"`).
@@ -58,7 +59,7 @@ class OnnxRuntimeBackend(Backend):
         return onnxruntime.__version__
 
     def build_settings(self, precision: str, workload: Workload, options: dict) -> dict:
-        settings = {"precision": precision, "opset": int(options.get("opset", DEFAULT_OPSET))}
+        settings = {"precision": precision, "opset": int(options.get("opset", DEFAULT_OPSET)), "latency_graph": LAST_GRAPH}
         if precision == "int8":
             scheme = options.get("int8_scheme", DEFAULT_SCHEMES["int8"])
             if scheme not in INT8_SCHEMES:
@@ -79,7 +80,8 @@ class OnnxRuntimeBackend(Backend):
         settings = self.build_settings(inputs.precision, inputs.workload, inputs.options)
         if inputs.precision == "fp32":
             exported = export_decoder(inputs.model, output_dir, opset=settings["opset"])
-            return BuiltArtifact(output_dir, MODEL_FILE, "fp32", exported.sparsity, {"export": _export_details(exported)})
+            details = {"export": _export_details(exported), **_last_graph(output_dir)}
+            return BuiltArtifact(output_dir, MODEL_FILE, "fp32", exported.sparsity, details)
 
         from sparsedeploy.export.onnx_quantize import calibration_feeds_from_windows, quantize_onnx
 
@@ -95,11 +97,20 @@ class OnnxRuntimeBackend(Backend):
                 block_size=settings.get("block_size", DEFAULT_INT4_BLOCK),
             )
         quantization = {key: value for key, value in quantized.describe().items() if key != "sparsity"}
-        details = {"export": _export_details(exported), "quantization": quantization}
+        details = {"export": _export_details(exported), "quantization": quantization, **_last_graph(output_dir)}
         return BuiltArtifact(output_dir, MODEL_FILE, inputs.precision, quantized.sparsity, details)
 
     def load(self, artifact: BuiltArtifact, workload: Workload) -> Session:
-        return OnnxRuntimeSession(artifact.directory / artifact.main_file, workload.threads)
+        timed = artifact.directory / LAST_GRAPH
+        return OnnxRuntimeSession(artifact.directory / artifact.main_file, workload.threads,
+                                  timed_path=timed if timed.exists() else None)
+
+
+def _last_graph(output_dir: Path) -> dict:
+    from sparsedeploy.export.onnx_decoder import MODEL_FILE
+
+    checked = write_last_position_graph(output_dir / MODEL_FILE, output_dir / LAST_GRAPH)
+    return {"graphs": {"full": MODEL_FILE, "latency": LAST_GRAPH}, "last_graph": checked}
 
 
 def _calibration_settings(options: dict) -> dict:
@@ -123,21 +134,30 @@ def _export_details(exported) -> dict:
 
 
 class OnnxRuntimeSession(Session):
-    def __init__(self, path: Path, threads: int):
-        import onnxruntime as ort
+    """Quality windows run on the full graph (logits at every position); latency is timed
+    on ``timed_path``, the last-position graph, when the artifact has one."""
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
+    def __init__(self, path: Path, threads: int, timed_path: Path | None = None):
         self.path = path
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.threads = threads
+        self.timed_path = timed_path
+        self.session = self._open(path)
+        self.timed_session = None
         self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         first_past = next(i for i in self.session.get_inputs() if i.name.startswith("past_key_values."))
         self.kv_heads, self.head_dim = int(first_past.shape[1]), int(first_past.shape[3])
         self.vocab = int(self.session.get_outputs()[0].shape[-1])
+
+    def _open(self, path: Path):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def _empty_past(self, batch: int) -> dict:
         empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=np.float32)
@@ -156,15 +176,22 @@ class OnnxRuntimeSession(Session):
         import torch
 
         ids = np.ascontiguousarray(window.numpy().astype(np.int64)[None])
+        if self.session is None:
+            self.timed_session = None
+            self.session = self._open(self.path)
         (logits,) = self.session.run(["logits"], self._feeds(ids, self._empty_past(1), 0))
         return torch.from_numpy(logits[0])
 
     def measure_latency(self, batch: int, prompt_tokens: int, new_tokens: int, runs: int, warmup: int) -> LatencySamples:
-        output_names = [o.name for o in self.session.get_outputs()]
+        if self.timed_path is not None and self.timed_session is None:
+            self.session = None  # one copy of the weights in memory at a time
+            self.timed_session = self._open(self.timed_path)
+        session = self.timed_session or self.session
+        output_names = [o.name for o in session.get_outputs()]
         prompt = np.random.default_rng(0).integers(0, self.vocab, size=(batch, prompt_tokens), dtype=np.int64)
 
         def step(input_ids: np.ndarray, past: dict, past_length: int):
-            outputs = self.session.run(output_names, self._feeds(input_ids, past, past_length))
+            outputs = session.run(output_names, self._feeds(input_ids, past, past_length))
             next_ids = outputs[0][:, -1].argmax(-1)[:, None].astype(np.int64)
             presents = dict(zip(self.past_names, outputs[1:]))
             return next_ids, presents, past_length + input_ids.shape[1]
@@ -194,4 +221,4 @@ class OnnxRuntimeSession(Session):
         }
 
     def close(self) -> None:
-        self.session = None
+        self.session = self.timed_session = None

@@ -106,7 +106,8 @@ def prune_command(
     drop: Annotated[int, typer.Option(help="--structured depth: decoder layers to remove.")] = 0,
     heads: Annotated[float, typer.Option(help="--structured width: share of attention head groups to remove.")] = 0.0,
     ffn: Annotated[float, typer.Option(help="--structured width: share of FFN channels to remove.")] = 0.0,
-    device: Annotated[str, typer.Option(help="cpu or cuda: where each layer is calibrated.")] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu or cuda: where each layer is calibrated (and recovery trains).")] = "cpu",
+    recover_steps: Annotated[int, typer.Option(help="Then recover: this many distillation steps from the dense model (`recover` has every option).")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
     json_output: JsonFlag = False,
 ) -> None:
@@ -129,7 +130,14 @@ def prune_command(
         pruning_method = get_method(method)
     resolved = resolve_checkpoint(checkpoint)
     destination = check_output_dir(output, force, inputs=(resolved.path,))
+    if recover_steps < 0:
+        raise BadInput(f"--recover-steps {recover_steps} must be 0 (no recovery) or more")
     _quiet_libraries()
+    if recover_steps:
+        _prune_then_recover(resolved, destination, recover_steps, device, json_output, method=pruning_method, target=target,
+                            structured=shape, calibration=Calibration(calib, nsamples, seqlen, seed), owl=owl,
+                            exclude=tuple(exclude or ()))
+        return
     request = PruneRequest(
         checkpoint=resolved,
         output=destination,
@@ -151,6 +159,78 @@ def prune_command(
             f"sparsity {measured['total_sparsity']:.2%} of decoder linears, "
             f"2:4 compliance {measured['nm_compliance']['2:4']:.3f}, in {document['seconds']} s"
         )
+
+
+def _prune_then_recover(source, destination: Path, steps: int, device: str, json_output: bool, **prune_options) -> None:
+    """Prune into a hidden directory beside the output, recover from it into the output;
+    the pruned intermediate is removed either way."""
+    import shutil
+    import tempfile
+
+    from sparsedeploy.models.checkpoint import resolve_checkpoint
+    from sparsedeploy.prune.run import PruneRequest, prune_checkpoint
+    from sparsedeploy.recover.run import RecoverRequest, RecoverSettings, recover_checkpoint
+
+    settings = RecoverSettings(steps=steps, device=device)
+    settings.validate()  # before the long prune, not after it
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{destination.name}.pruned-", dir=destination.parent))
+    try:
+        pruned = scratch / "pruned"
+        prune_checkpoint(PruneRequest(checkpoint=source, output=pruned, device=device, **prune_options))
+        document = recover_checkpoint(RecoverRequest(checkpoint=resolve_checkpoint(str(pruned)), output=destination,
+                                                     settings=settings))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    _print_recovered(destination, document, json_output)
+
+
+def _print_recovered(destination: Path, document: dict, json_output: bool) -> None:
+    if json_output:
+        _print_json({"path": str(destination), **document})
+        return
+    recovery, measured = document["recovery"], document["measured"]
+    stdout.print(
+        f"wrote {destination}: {document.get('method')} {document.get('pattern')} recovered in {recovery['steps']} steps "
+        f"({recovery['tokens_seen']:,} tokens), held-out loss {recovery['heldout_loss_before']:.4f} -> "
+        f"{recovery['heldout_loss_after']:.4f}, sparsity {measured['total_sparsity']:.2%}, "
+        f"2:4 compliance {measured['nm_compliance']['2:4']:.3f}, in {recovery['seconds']} s"
+    )
+
+
+@app.command("recover")
+def recover_command(
+    checkpoint: Annotated[str, typer.Argument(help="A pruned checkpoint directory.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Directory for the recovered checkpoint.")],
+    teacher: Annotated[Optional[str], typer.Option(help="Dense teacher; default: the source recorded in sparsity.json.")] = None,
+    data: Annotated[str, typer.Option(help="Training text source (never the evaluation text).")] = "canterbury-books",
+    steps: Annotated[int, typer.Option(help="Optimizer steps (fewer if the held-out loss stops improving).")] = 200,
+    seqlen: Annotated[int, typer.Option(help="Tokens per training window.")] = 256,
+    batch: Annotated[int, typer.Option(help="Windows per step.")] = 4,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (warm-up, then cosine decay).")] = 1e-4,
+    temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = 1.0,
+    lm_weight: Annotated[float, typer.Option(help="Share of the plain next-token loss mixed into the KL loss.")] = 0.0,
+    eval_every: Annotated[int, typer.Option(help="Steps between held-out evaluations (and saved states).")] = 25,
+    heldout_windows: Annotated[int, typer.Option(help="Windows from the end of the training text held out for early stopping.")] = 16,
+    seed: Annotated[int, typer.Option(help="Seed of the data order.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
+    json_output: JsonFlag = False,
+) -> None:
+    """Distil a pruned checkpoint from its dense model; pruned weights stay exactly zero."""
+    from sparsedeploy.atomic import check_output_dir
+    from sparsedeploy.models.checkpoint import resolve_checkpoint
+    from sparsedeploy.recover.run import RecoverRequest, RecoverSettings, recover_checkpoint
+
+    resolved = resolve_checkpoint(checkpoint)
+    destination = check_output_dir(output, force, inputs=(resolved.path,))
+    settings = RecoverSettings(steps=steps, seqlen=seqlen, batch=batch, lr=lr, temperature=temperature,
+                               lm_weight=lm_weight, data=data, eval_every=eval_every, heldout_windows=heldout_windows,
+                               seed=seed, device=device)
+    settings.validate()
+    _quiet_libraries()
+    document = recover_checkpoint(RecoverRequest(checkpoint=resolved, output=destination, teacher=teacher, settings=settings))
+    _print_recovered(destination, document, json_output)
 
 
 @app.command("inspect")

@@ -34,7 +34,7 @@ from sparsedeploy.build.report import (
     render_markdown,
 )
 from sparsedeploy.errors import BadInput, TargetUnavailable
-from sparsedeploy.models.checkpoint import Checkpoint, checkpoint_sha256, resolve_checkpoint
+from sparsedeploy.models.checkpoint import Checkpoint, checkpoint_sha256, recorded_source, resolve_checkpoint
 from sparsedeploy.targets import TargetProfile, load_profile
 from sparsedeploy.ui import info
 
@@ -151,22 +151,9 @@ def check_pattern(profile: TargetProfile, checkpoint: Checkpoint, pattern: str) 
 
 
 def dense_source(checkpoint: Checkpoint, recorded: dict | None, pattern: str, explicit: str | None) -> Checkpoint:
-    if explicit is not None:
-        return resolve_checkpoint(explicit)
-    if recorded is None:
-        if pattern == "dense":
-            return checkpoint
-        raise BadInput(f"'{checkpoint.path}' is {pattern} but has no {SPARSITY_FILE} naming its dense source; pass --dense MODEL")
-    source = recorded.get("source") or {}
-    path = source.get("path")
-    if not path:
-        raise BadInput(f"{SPARSITY_FILE} of '{checkpoint.path}' names no source model; pass --dense MODEL")
-    if path != "default" and not Path(path).is_dir():
-        raise BadInput(f"the dense source '{path}' named in {SPARSITY_FILE} is not on this machine; pass --dense MODEL")
-    resolved = resolve_checkpoint(path)
-    if source.get("sha256") and checkpoint_sha256(resolved.path) != source["sha256"]:
-        raise BadInput(f"the dense source '{path}' changed since '{checkpoint.path}' was pruned from it; pass --dense MODEL")
-    return resolved
+    if explicit is None and recorded is None and pattern == "dense":
+        return checkpoint
+    return recorded_source(checkpoint, recorded, explicit, flag="--dense")
 
 
 def evaluation_data(profile: TargetProfile, workload: Workload, checkpoint: Checkpoint):

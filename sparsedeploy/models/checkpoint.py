@@ -176,3 +176,23 @@ def checkpoint_sha256(path: Path) -> str:
     for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name != DEFAULT_METADATA_NAME):
         digest.update(f"{file.relative_to(path).as_posix()}\0{sha256_file(file)}\n".encode())
     return digest.hexdigest()
+
+
+def recorded_source(checkpoint: Checkpoint, recorded: dict | None, explicit: str | None, flag: str) -> Checkpoint:
+    """The dense model a pruned checkpoint came from: ``explicit`` when the user named one
+    (``flag``), else the source its sparsity.json records, verified by sha256 so that a
+    changed model is never silently used as the reference or the teacher."""
+    if explicit is not None:
+        return resolve_checkpoint(explicit)
+    if recorded is None:
+        raise BadInput(f"'{checkpoint.path}' has no sparsity.json naming its dense source model; pass {flag} MODEL")
+    source = recorded.get("source") or {}
+    path = source.get("path")
+    if not path:
+        raise BadInput(f"sparsity.json of '{checkpoint.path}' names no source model; pass {flag} MODEL")
+    if path != DEFAULT_MODEL and not Path(path).is_dir():
+        raise BadInput(f"the dense source '{path}' named in sparsity.json is not on this machine; pass {flag} MODEL")
+    resolved = resolve_checkpoint(path)
+    if source.get("sha256") and checkpoint_sha256(resolved.path) != source["sha256"]:
+        raise BadInput(f"the dense source '{path}' changed since '{checkpoint.path}' was pruned from it; pass {flag} MODEL")
+    return resolved

@@ -48,7 +48,10 @@ demo: install
 bench: install
 	$(BIN)/python benchmarks/bench_eval.py
 	$(BIN)/python benchmarks/prune_memory.py
-	$(BIN)/python benchmarks/prune_quality.py
+	$(BIN)/python benchmarks/prune_quality.py --keep benchmarks/work
+	@# Hours on 2 cores (each resumes where it stopped):
+	$(BIN)/python benchmarks/cpu_targets.py
+	$(BIN)/python benchmarks/recovery.py
 
 clean:
 	rm -rf $(VENV) $(DS_VENV) .pytest_cache build *.egg-info

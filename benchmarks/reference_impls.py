@@ -56,7 +56,13 @@ ROWS: dict[str, tuple[str, int, int, float]] = {
     "original-sparsegpt-2:4": ("sparsegpt", 2, 4, 0.5),
     "original-wanda-50%": ("wanda", 0, 0, 0.5),
     "original-sparsegpt-50%": ("sparsegpt", 0, 0, 0.5),
+    # The same windows fed in another order: only the summation order of the
+    # calibration statistics changes. How far that alone moves the original's result
+    # is the yardstick for the difference between theirs and ours.
+    "original-wanda-2:4-order1": ("wanda", 2, 4, 0.5),
 }
+# row -> seed of the permutation of the calibration windows
+PERMUTED = {"original-wanda-2:4-order1": 1}
 
 
 def our_calibration(tokenizer) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -170,6 +176,9 @@ def prune_child(row: str, wanda_src: Path, sparsegpt_src: Path, output: Path) ->
     tokenizer = load_tokenizer(checkpoint)
     model = load_model(checkpoint)
     loader = our_calibration(tokenizer)
+    if row in PERMUTED:
+        order = torch.randperm(len(loader), generator=torch.Generator().manual_seed(PERMUTED[row])).tolist()
+        loader = [loader[i] for i in order]
     install_shims(model)
     shim_error = check_shims(model, loader, method)
     device = torch.device("cpu")
@@ -311,7 +320,7 @@ def print_table(results: dict) -> None:
     for row in ROWS:
         if row not in results:
             continue
-        theirs, mine = results[row], ours.get(row.removeprefix("original-"), {})
+        theirs, mine = results[row], ours.get(row.removeprefix("original-"), {}) if row not in PERMUTED else {}
 
         def cell(r, key, fmt):
             return format(r[key], fmt) if key in r else ""

@@ -280,6 +280,7 @@ def test_bad_input_is_refused_with_one_line(tiny_pruned, tmp_path, case):
 # -- the default model ------------------------------------------------------------------------
 
 
+@pytest.mark.default_model
 def test_default_model_recovers_a_few_steps_with_2of4_intact(default_checkpoint, tmp_path):
     """Magnitude 2:4 on the real model (no calibration: fast), then a few recovery steps:
     compliance stays 1.0 and the held-out loss goes down."""

@@ -58,10 +58,10 @@ class TrainingDiverged(SparsedeployError):
 
 @dataclass(frozen=True)
 class RecoverSettings:
-    steps: int = 200
+    steps: int = 120
     seqlen: int = 256
     batch: int = 4
-    lr: float = 1e-4
+    lr: float = 2e-4
     warmup_steps: int = 10
     temperature: float = 1.0
     lm_weight: float = 0.0  # share of the plain next-token loss mixed into the KL

@@ -395,3 +395,14 @@ def test_build_all_builds_what_can_run_and_says_what_cannot(workspace):
     assert [report["target"] for report in reports] == ["onnxruntime"]
     assert (out / "onnxruntime" / "manifest.json").is_file()
     assert "skipping targets that cannot run here: tensorrt" in result.stderr
+
+
+@pytest.mark.parametrize("prefill, decode, expected", [
+    (1.27, 0.94, "Sparse kernels ran: prefill 1.27x (faster), decode 0.94x (slower) against the dense build."),
+    (1.01, 0.90, "Sparse kernels ran but gained nothing over the dense build: prefill 1.01x (no faster), decode 0.90x (slower)."),
+])
+def test_verdict_says_plainly_when_sparse_kernels_ran_but_a_phase_got_slower(prefill, decode, expected):
+    from sparsedeploy.build.report import verdict
+
+    report = {"latency": {"speedup": {"prefill": prefill, "decode": decode}, "sparse_kernels": "used", "evidence": "x"}}
+    assert verdict(report) == expected

@@ -75,13 +75,29 @@ def verdict(report: dict) -> str:
     kernels = latency["sparse_kernels"]
     faster = max(speedup["prefill"], speedup["decode"])
     if kernels == "used":
-        return f"Sparse kernels ran: prefill {speedup['prefill']:.2f}x, decode {speedup['decode']:.2f}x the dense build."
+        phases = {phase: _compared(speedup[phase]) for phase in ("prefill", "decode")}
+        said = ", ".join(f"{phase} {speedup[phase]:.2f}x ({phases[phase]})" for phase in ("prefill", "decode"))
+        if all(word != "faster" for word in phases.values()):
+            return f"Sparse kernels ran but gained nothing over the dense build: {said}."
+        return f"Sparse kernels ran: {said} against the dense build."
     if faster >= UNEXPLAINED_SPEEDUP:
         return (f"Faster than dense (prefill {speedup['prefill']:.2f}x, decode {speedup['decode']:.2f}x), "
                 "but not from sparse kernels: " + latency["evidence"].split(";")[0] + ".")
     state = {"not-used": "not used", "unknown": "not shown to run"}.get(kernels, kernels)
     return (f"No speedup from sparsity on this engine: prefill {speedup['prefill']:.2f}x, decode {speedup['decode']:.2f}x "
             f"the dense build; sparse kernels {state}.")
+
+
+# Ratios this close to 1 are within run-to-run noise on a shared CPU.
+SAME_SPEED_BAND = 0.03
+
+
+def _compared(ratio: float) -> str:
+    if ratio > 1 + SAME_SPEED_BAND:
+        return "faster"
+    if ratio < 1 - SAME_SPEED_BAND:
+        return "slower"
+    return "no faster"
 
 
 def plot_latency(report: dict, path: Path) -> None:

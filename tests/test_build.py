@@ -406,3 +406,19 @@ def test_verdict_says_plainly_when_sparse_kernels_ran_but_a_phase_got_slower(pre
 
     report = {"latency": {"speedup": {"prefill": prefill, "decode": decode}, "sparse_kernels": "used", "evidence": "x"}}
     assert verdict(report) == expected
+
+
+def test_a_recovered_checkpoint_builds_like_any_other(workspace):
+    """prune -> recover -> build: the recovered checkpoint's sparsity.json (re-measured
+    layers, the recovery record) passes the pipeline's verification, and the dense
+    source it names is still the baseline."""
+    recovered = workspace["root"] / "recovered-2of4"
+    result = run_cli("recover", str(workspace["pruned"]), "-o", str(recovered), "--steps", "2", "--eval-every", "2",
+                     "--seqlen", "32", "--heldout-windows", "2", env=workspace["env"])
+    assert result.returncode == 0, result.stderr
+    report = run_cli_json("build", "--target", "cpu-2of4", "--model", str(recovered), "-o",
+                          str(workspace["root"] / "bundle-recovered"), env=workspace["env"])
+    assert report["checkpoint"]["pattern"] == "2:4" and report["checkpoint"]["nm_compliance"]["2:4"] == 1.0
+    assert report["checkpoint"]["dense_source"]["path"] == str(workspace["dense"])
+    assert report["artifact"]["nm_compliance"]["2:4"] == 1.0
+    assert report["quality"]["kl_mean"] < 1e-6 and report["passed"] is True

@@ -162,26 +162,30 @@ def prune_command(
 
 
 def _prune_then_recover(source, destination: Path, steps: int, device: str, json_output: bool, **prune_options) -> None:
-    """Prune into a hidden directory beside the output, recover from it into the output;
-    the pruned intermediate is removed either way."""
+    """Prune into a hidden directory beside the output, then recover from it into the
+    output. If recovery is interrupted or diverges, the one-shot checkpoint is kept so
+    that `recover` can resume from the last saved step; otherwise it is removed."""
     import shutil
-    import tempfile
 
     from sparsedeploy.models.checkpoint import resolve_checkpoint
     from sparsedeploy.prune.run import PruneRequest, prune_checkpoint
-    from sparsedeploy.recover.run import RecoverRequest, RecoverSettings, recover_checkpoint
+    from sparsedeploy.recover.run import RecoverRequest, RecoverSettings, TrainingDiverged, recover_checkpoint
 
     settings = RecoverSettings(steps=steps, device=device)
     settings.validate()  # before the long prune, not after it
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{destination.name}.pruned-", dir=destination.parent))
+    one_shot = destination.parent / f".{destination.name}.one-shot"
+    prune_checkpoint(PruneRequest(checkpoint=source, output=one_shot, device=device, **prune_options))
     try:
-        pruned = scratch / "pruned"
-        prune_checkpoint(PruneRequest(checkpoint=source, output=pruned, device=device, **prune_options))
-        document = recover_checkpoint(RecoverRequest(checkpoint=resolve_checkpoint(str(pruned)), output=destination,
+        document = recover_checkpoint(RecoverRequest(checkpoint=resolve_checkpoint(str(one_shot)), output=destination,
                                                      settings=settings))
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    except (Interrupted, TrainingDiverged) as error:
+        resume = f"sparsedeploy recover {one_shot} -o {destination} --steps {steps}"
+        raise type(error)(f"{str(error).split(';')[0]} during recovery; no output was written. The one-shot checkpoint "
+                          f"is kept: `{resume}` resumes from the last saved step") from None
+    except BaseException:
+        shutil.rmtree(one_shot, ignore_errors=True)
+        raise
+    shutil.rmtree(one_shot, ignore_errors=True)
     _print_recovered(destination, document, json_output)
 
 

@@ -297,3 +297,26 @@ def test_default_model_recovers_a_few_steps_with_2of4_intact(default_checkpoint,
     assert document["recovery"]["heldout_loss_after"] < document["recovery"]["heldout_loss_before"]
     old, new = zero_positions(pruned), zero_positions(output)
     assert len(old) == 30 * 7 and all(torch.equal(old[name], new[name]) for name in old)
+
+
+def test_prune_with_recover_steps_keeps_the_one_shot_checkpoint_when_recovery_is_interrupted(tiny_pruned, tmp_path,
+                                                                                          monkeypatch):
+    from sparsedeploy.cli import _prune_then_recover
+    from sparsedeploy.errors import Interrupted
+    from sparsedeploy.models.checkpoint import resolve_checkpoint
+    from sparsedeploy.prune.methods import SparsityTarget, get_method
+    from sparsedeploy.prune.patterns import parse_nm
+    from sparsedeploy.recover import run as recovery
+
+    def interrupt(named, masks):
+        raise Interrupted("interrupted; nothing half-written was left behind")
+
+    monkeypatch.setattr(recovery, "reapply_masks", interrupt)
+    output = tmp_path / "recovered"
+    with pytest.raises(Interrupted) as raised:
+        _prune_then_recover(resolve_checkpoint(str(tiny_pruned["dense"])), output, 2, "cpu", True,
+                            method=get_method("magnitude"), target=SparsityTarget(pattern=parse_nm("2:4")))
+    one_shot = tmp_path / ".recovered.one-shot"
+    assert f"sparsedeploy recover {one_shot} -o {output} --steps 2" in str(raised.value)
+    assert not output.exists() and (one_shot / "sparsity.json").is_file()
+    assert json.loads((one_shot / "sparsity.json").read_text())["source"]["path"] == str(tiny_pruned["dense"])

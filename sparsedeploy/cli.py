@@ -319,6 +319,8 @@ def build_command(
     windows: Annotated[Optional[int], typer.Option(help="Override the profile's number of quality windows.")] = None,
     runs: Annotated[Optional[int], typer.Option(help="Override the profile's number of timed runs.")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Re-measure instead of reusing cached measurements.")] = False,
+    gguf_type: Annotated[Optional[str], typer.Option(help="gguf target: any llama.cpp type (Q4_K_M, Q5_K_M, Q8_0, F16 ...); "
+                                                     "default Q8_0 for int8, Q4_K_M for int4.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
     json_output: JsonFlag = False,
 ) -> None:
@@ -342,7 +344,7 @@ def build_command(
     reports = []
     for name in names:
         destination = (output / name if output is not None else None) if all_targets else output
-        request = BuildRequest(name, model, quant, destination, force, dense, windows, runs, fresh)
+        request = BuildRequest(name, model, quant, destination, force, dense, windows, runs, fresh, gguf_type)
         if all_targets and quant != "none":
             from sparsedeploy.targets import load_profile
 

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 
 EXPECTED_ROLES_ALL = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "phi3", "opt", "gpt_neox"]
 
+REPOSITORY = Path(__file__).resolve().parents[1]
 TINY = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
 
 
@@ -55,18 +57,24 @@ def tiny_checkpoint(tmp_path) -> Path:
     return save_checkpoint(make_tiny_model("llama"), tmp_path / "tiny-llama")
 
 
-@pytest.fixture
-def tokenized_tiny_checkpoint(tmp_path, default_checkpoint):
-    """A tiny Llama whose vocabulary matches the default model's tokenizer."""
+def save_tokenized_tiny(directory: Path, default_checkpoint, seed: int = 0, **config_changes) -> Path:
+    """A tiny random Llama with the default model's tokenizer (vocabulary 49152), saved as
+    a checkpoint directory: for tests that run text through a real tokenizer."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    path = save_checkpoint(AutoModelForCausalLM.from_config(config), tmp_path / "tiny")
+    torch.manual_seed(seed)
+    settings = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    path = save_checkpoint(AutoModelForCausalLM.from_config(LlamaConfig(**{**settings, **config_changes})), directory)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(default_checkpoint.path / name, path / name)
     return path
+
+
+@pytest.fixture
+def tokenized_tiny_checkpoint(tmp_path, default_checkpoint):
+    """A tiny Llama whose vocabulary matches the default model's tokenizer."""
+    return save_tokenized_tiny(tmp_path / "tiny", default_checkpoint)
 
 
 @pytest.fixture(scope="session")
@@ -100,3 +108,20 @@ def tree_fingerprint(directory: Path) -> dict:
         for p in sorted(directory.rglob("*"))
         if p.is_file()
     }
+
+
+def small_profile(source: str, **changes) -> str:
+    """A repository profile with a workload small enough for a test."""
+    text = (REPOSITORY / "targets" / f"{source}.toml").read_text()
+    raw = tomllib.loads(text)
+    replacements = {"windows": 2, "seqlen": 64, "prompt_tokens": 16, "new_tokens": 4, "runs": 2, "warmup": 1}
+    lines = []
+    for line in text.splitlines():
+        key = line.split("=")[0].strip()
+        if key in replacements and "=" in line:
+            line = f"{key} = {replacements[key]}"
+        lines.append(line)
+    text = "\n".join(lines) + "\n"
+    for key, value in changes.items():
+        text = text.replace(f"{key} = {json.dumps(raw.get(key))}", f"{key} = {json.dumps(value)}") if key in raw else text
+    return text

@@ -6,12 +6,11 @@ from __future__ import annotations
 import errno
 import json
 import shutil
-import tomllib
 from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, run_cli_json, save_checkpoint, tree_fingerprint
+from conftest import run_cli, run_cli_json, save_checkpoint, save_tokenized_tiny, small_profile, tree_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 CONTRACT_KEYS = {
@@ -20,29 +19,9 @@ CONTRACT_KEYS = {
 LATENCY_KEYS = {"prefill_tok_s", "decode_tok_s", "prefill_ms_p50", "prefill_ms_p95", "decode_ms_p50", "decode_ms_p95"}
 
 
-def small_profile(source: str, **changes) -> str:
-    """A repository profile with a workload small enough for a test."""
-    text = (REPO / "targets" / f"{source}.toml").read_text()
-    raw = tomllib.loads(text)
-    replacements = {"windows": 2, "seqlen": 64, "prompt_tokens": 16, "new_tokens": 4, "runs": 2, "warmup": 1}
-    lines = []
-    for line in text.splitlines():
-        key = line.split("=")[0].strip()
-        if key in replacements and "=" in line:
-            line = f"{key} = {replacements[key]}"
-        lines.append(line)
-    text = "\n".join(lines) + "\n"
-    for key, value in changes.items():
-        text = text.replace(f"{key} = {json.dumps(raw.get(key))}", f"{key} = {json.dumps(value)}") if key in raw else text
-    return text
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, default_checkpoint):
     """Targets folder, a private cache, a tiny dense checkpoint and its 2:4 pruning."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-    import torch
-
     root = tmp_path_factory.mktemp("build")
     targets = root / "targets"
     targets.mkdir()
@@ -60,12 +39,7 @@ def workspace(tmp_path_factory, default_checkpoint):
     (targets / "ort-static.toml").write_text(static)
     env = {"SPARSEDEPLOY_TARGETS": str(targets), "SPARSEDEPLOY_CACHE": str(root / "cache")}
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    dense = save_checkpoint(AutoModelForCausalLM.from_config(config), root / "dense")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(default_checkpoint.path / name, dense / name)
+    dense = save_tokenized_tiny(root / "dense", default_checkpoint)
     pruned = root / "pruned-2of4"
     result = run_cli("prune", str(dense), "-o", str(pruned), "--method", "magnitude", "--pattern", "2:4", env=env)
     assert result.returncode == 0, result.stderr

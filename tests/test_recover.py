@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import run_cli, save_checkpoint, tree_fingerprint
+from conftest import run_cli, save_checkpoint, save_tokenized_tiny, tree_fingerprint
 from sparsedeploy.recover.distill import (
     distillation_kl,
     hold_pruned_weights,
@@ -119,15 +119,8 @@ def test_revived_weights_are_counted():
 @pytest.fixture(scope="module")
 def tiny_pruned(tmp_path_factory, default_checkpoint):
     """A tiny Llama with the default tokenizer, pruned 2:4 and 50% by magnitude."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     root = tmp_path_factory.mktemp("recover")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    dense = save_checkpoint(AutoModelForCausalLM.from_config(config), root / "dense")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(default_checkpoint.path / name, dense / name)
+    dense = save_tokenized_tiny(root / "dense", default_checkpoint)
     pruned = {}
     for label, args in (("2:4", ["--pattern", "2:4"]), ("50%", ["--sparsity", "0.5"])):
         pruned[label] = root / f"pruned-{label.replace(':', 'of').replace('%', '')}"

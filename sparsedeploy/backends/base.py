@@ -6,6 +6,7 @@ name. The verbs:
 
 - ``availability()``: can the engine run here, and if not, what would fix it.
 - ``engine_version()``: the engine's version string (part of every cache key).
+- ``preflight(checkpoint_dir)``: reject what the engine cannot take, before loading.
 - ``build_settings(precision, workload)``: everything besides the checkpoint that
   determines the artifact (quantizer settings, static shapes...): the cache key.
 - ``build(inputs, output_dir)``: export / quantize / compile into ``output_dir`` (an
@@ -72,6 +73,9 @@ class BuildInputs:
     # Calibration windows [n, seqlen] (LongTensor) for static quantization; called only
     # by a backend that needs them (never the evaluation text).
     calibration: Callable[[], torch.Tensor] | None = None
+    # The checkpoint's directory (config, safetensors, tokenizer), for a backend whose
+    # converter reads files rather than a model (llama.cpp's). Read only.
+    checkpoint_dir: Path | None = None
 
 
 @dataclass
@@ -138,6 +142,8 @@ class Backend:
     name: ClassVar[str]  # the registry key, as `backend = "..."` in a target profile
     engine: ClassVar[str]  # the inference engine, as reported
     device: ClassVar[str]  # "cpu" or "cuda"
+    # Keys of the [build] options a command-line flag may set for this backend.
+    command_line_options: ClassVar[tuple[str, ...]] = ()
 
     def availability(self) -> Availability:
         raise NotImplementedError
@@ -148,6 +154,14 @@ class Backend:
     def build_settings(self, precision: str, workload: Workload, options: dict) -> dict:
         """Everything besides the checkpoint that determines the artifact (JSON-able)."""
         return {"precision": precision, "options": options}
+
+    def implied_precision(self, options: dict) -> str | None:
+        """The precision that backend options name on their own (a llama.cpp type given
+        without --quant), else None: the profile's default applies."""
+        return None
+
+    def preflight(self, checkpoint_dir: Path) -> None:
+        """Reject a checkpoint the engine cannot take (BadInput), before anything is loaded."""
 
     def build(self, inputs: BuildInputs, output_dir: Path) -> BuiltArtifact:
         raise NotImplementedError

@@ -64,6 +64,7 @@ class BuildRequest:
     windows: int | None = None  # overrides the profile's quality windows
     runs: int | None = None  # overrides the profile's timed runs
     fresh: bool = False  # re-measure instead of reusing cached measurements
+    gguf_type: str | None = None  # a llama.cpp type for the gguf target (Q4_K_M, Q8_0, ...)
 
 
 # -- stage helpers ------------------------------------------------------------------
@@ -77,10 +78,12 @@ def available_backend(profile: TargetProfile) -> Backend:
     return backend
 
 
-def choose_precision(profile: TargetProfile, quant: str) -> str:
+def choose_precision(profile: TargetProfile, quant: str, implied: str | None = None) -> str:
+    """--quant's precision; with --quant none, what the backend options imply (a llama.cpp
+    type), else the profile's default."""
     if quant not in QUANT_CHOICES:
         raise BadInput(f"--quant {quant} is not one of {', '.join(QUANT_CHOICES)}")
-    precision = profile.precision if quant == "none" else quant
+    precision = (implied or profile.precision) if quant == "none" else quant
     if precision not in profile.precisions:
         others = [p for p in profile.precisions if p != profile.precision]
         raise BadInput(
@@ -88,6 +91,16 @@ def choose_precision(profile: TargetProfile, quant: str) -> str:
             f"use --quant none{''.join(' or ' + p for p in others)}" + (", or --target onnxruntime for int4" if precision == "int4" else "")
         )
     return precision
+
+
+def build_options(profile: TargetProfile, backend: Backend, request: BuildRequest) -> dict:
+    """The profile's [build] table, with what the command line adds to it."""
+    options = dict(profile.raw.get("build", {}))
+    if request.gguf_type is not None:
+        if "gguf_type" not in backend.command_line_options:
+            raise BadInput(f"--gguf-type is for the gguf target (llama.cpp), not '{profile.name}'; drop it or use --target gguf")
+        options["gguf_type"] = request.gguf_type
+    return options
 
 
 def workload_for(profile: TargetProfile, windows: int | None = None, runs: int | None = None) -> Workload:
@@ -342,16 +355,17 @@ def build(request: BuildRequest) -> tuple[dict, Path]:
     started = time.perf_counter()
     profile = load_profile(request.target)
     backend = available_backend(profile)
-    precision = choose_precision(profile, request.quant)
+    options = build_options(profile, backend, request)
+    precision = choose_precision(profile, request.quant, backend.implied_precision(options))
     checkpoint = resolve_checkpoint(request.model)
     recorded = recorded_sparsity(checkpoint)
     workload = workload_for(profile, request.windows, request.runs)
     output = request.output if request.output is not None else default_output(profile, checkpoint, precision)
     output = check_output_dir(output, request.force, inputs=(checkpoint.path,))
-    options = profile.raw.get("build", {})
     settings = backend.build_settings(precision, workload, options)
 
     info(f"[1/5] Verifying {checkpoint.spec} ...")
+    backend.preflight(checkpoint.path)
     model = load_model(checkpoint)
     measured_checkpoint = verify_checkpoint(checkpoint, model, recorded)
     check_pattern(profile, checkpoint, measured_checkpoint["pattern"])
@@ -364,7 +378,8 @@ def build(request: BuildRequest) -> tuple[dict, Path]:
     info(f"[2/5] Building {checkpoint.spec} for {profile.name} ({precision}) ...")
     sparse_key = artifact_key(checkpoint_sha, profile, backend, settings)
     sparse, hit = cache.cached_artifact(
-        sparse_key, lambda out: backend.build(BuildInputs(model, checkpoint_sha, precision, workload, options, calibration), out)
+        sparse_key, lambda out: backend.build(BuildInputs(model, checkpoint_sha, precision, workload, options, calibration,
+                                               checkpoint_dir=checkpoint.path), out)
     )
     info(f"      {'reused from the cache' if hit else 'built'}: {sparse.directory}")
     info(f"[3/5] Building the dense baseline {dense_checkpoint.spec} ({precision}) ...")
@@ -372,7 +387,8 @@ def build(request: BuildRequest) -> tuple[dict, Path]:
 
     def build_dense(out: Path) -> BuiltArtifact:
         dense_model = model if dense_sha == checkpoint_sha else load_model(dense_checkpoint)
-        return backend.build(BuildInputs(dense_model, dense_sha, precision, workload, options, calibration), out)
+        return backend.build(BuildInputs(dense_model, dense_sha, precision, workload, options, calibration,
+                                         checkpoint_dir=dense_checkpoint.path), out)
 
     dense, hit = cache.cached_artifact(dense_key, build_dense)
     info(f"      {'reused from the cache' if hit else 'built'}: {dense.directory}")

@@ -136,6 +136,20 @@ def _fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
+def _tensor_type_lines(details: dict) -> list[str]:
+    """A block-quantized artifact (GGUF): the types its tensors hold, and where the engine
+    stored a tensor in another type than the one asked for."""
+    types = details.get("tensor_types")
+    if not types:
+        return []
+    counts = ", ".join(f"{count} {name}" for name, count in sorted(types["counts"].items(), key=lambda item: -item[1]))
+    lines = [f"- Tensor types (asked {types['requested']}): {counts}"]
+    for fallback in types.get("fallbacks", []):
+        lines.append(f"  - {fallback['tensors']} tensors stored as {fallback['type']}: {fallback['reason']} "
+                     f"(e.g. `{fallback['examples'][0]}`)")
+    return lines
+
+
 def render_markdown(report: dict) -> str:
     quality, latency, workload = report["quality"], report["latency"], report["latency"]["workload"]
     checkpoint, artifact = report["checkpoint"], report["artifact"]
@@ -150,6 +164,7 @@ def render_markdown(report: dict) -> str:
         f"- Artifact: `{artifact['path']}`, {artifact['bytes'] / 2**20:.1f} MiB, sparsity measured in the artifact "
         f"{artifact['sparsity']:.2%}, 2:4 compliance {artifact['nm_compliance']['2:4']:.3f}",
         f"- Dense baseline: the source checkpoint built by the same backend at {report['precision']}",
+        *_tensor_type_lines(artifact.get("details", {})),
         "",
         "## Gates",
         "",

@@ -407,6 +407,40 @@ def check_command(
         raise GateFailed("check failed: " + "; ".join(problems))
 
 
+@app.command("provision")
+def provision_command(
+    bundle: Annotated[Path, typer.Argument(help="A bundle written by `build --target gguf`.")],
+    host: Annotated[str, typer.Option(help="USER@HOST of the device.")],
+    port: Annotated[int, typer.Option(help="SSH port.")] = 22,
+    identity: Annotated[Optional[Path], typer.Option(help="Private key (default: ssh-agent and ~/.ssh keys).")] = None,
+    known_hosts: Annotated[Optional[Path], typer.Option(help="known_hosts file holding the device's key (default ~/.ssh/known_hosts).")] = None,
+    remote_dir: Annotated[str, typer.Option(help="Directory on the device, relative to the login's home unless absolute.")] = "sparsedeploy",
+    chunks: Annotated[int, typer.Option(help="llama-perplexity windows run on the device.")] = 4,
+    threads: Annotated[Optional[int], typer.Option(help="Threads on the device (default: its cores).")] = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """Copy a GGUF bundle to a device over SSH (host key checked, sha256 verified there, swapped in
+    atomically), run llama.cpp's check on the device, and add its report to the bundle."""
+    from sparsedeploy.edge.provision import ProvisionRequest, provision
+    from sparsedeploy.errors import BadInput, GateFailed
+
+    if chunks < 1:
+        raise BadInput(f"--chunks {chunks}: pass at least 1")
+    report = provision(ProvisionRequest(bundle, host, port, identity, known_hosts, remote_dir, chunks, threads=threads))
+    if json_output:
+        _print_json(report)
+        return
+    device, quality, latency = report["device"], report["quality"], report["latency"]
+    stdout.print(f"[bold]{device['host']}[/] ({device['arch']}, {device['cores']} cores, {device['cpu']}): "
+                 f"{report['remote']['current']}")
+    stdout.print(f"  llama-perplexity: {quality['ppl_device']:.4f} on the device, {quality['ppl_here']:.4f} here "
+                 f"({quality['delta_pct']:+.3f} %): {'reproduced' if quality['reproduced'] else 'NOT reproduced'}")
+    speeds = [f"{name} {value:.1f} tok/s" for name, value in (("prompt", latency["prompt_tok_s"]), ("decode", latency["decode_tok_s"])) if value]
+    stdout.print(f"  speed on the device ({latency['threads']} threads): {', '.join(speeds) or 'not reported'}")
+    if not quality["reproduced"]:
+        raise GateFailed(f"the device's perplexity {quality['ppl_device']:.4f} differs from this machine's {quality['ppl_here']:.4f} by more than 1 %")
+
+
 @app.command("version")
 def version_command() -> None:
     """Print the tool's version."""

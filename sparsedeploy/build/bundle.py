@@ -20,6 +20,7 @@ import os
 import shutil
 from pathlib import Path
 
+from sparsedeploy.atomic import write_file_atomically
 from sparsedeploy.errors import BadInput, SparsedeployError
 from sparsedeploy.models.checkpoint import sha256_file
 
@@ -73,7 +74,13 @@ def write_manifest(bundle: Path) -> dict:
     for path in sorted(p for p in bundle.rglob("*") if p.is_file() and p.name != MANIFEST):
         files.append({"path": path.relative_to(bundle).as_posix(), "sha256": sha256_file(path), "bytes": path.stat().st_size})
     manifest = {"schema": MANIFEST_SCHEMA, "files": files}
-    write_text(bundle / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    # Rewritten in place when provisioning adds a device report: never half a manifest.
+    try:
+        write_file_atomically(bundle / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise DiskFull(f"no space left on the device while writing '{bundle / MANIFEST}'; free space or choose another -o") from None
+        raise
     return manifest
 
 

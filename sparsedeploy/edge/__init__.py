@@ -1,0 +1,1 @@
+"""Edge devices: llama.cpp tools built for this machine or cross-compiled, and provisioning over SSH."""

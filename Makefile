@@ -70,6 +70,7 @@ bench: install
 	@# Hours on 2 cores (each resumes where it stopped):
 	$(BIN)/python benchmarks/cpu_targets.py
 	$(BIN)/python benchmarks/recovery.py
+	$(BIN)/python benchmarks/gguf_edge.py
 
 clean:
 	rm -rf $(VENV) $(DS_VENV) .pytest_cache build *.egg-info

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, run_cli_json, save_checkpoint, save_tokenized_tiny, small_profile, tree_fingerprint
+from conftest import run_cli, run_cli_json, save_tokenized_tiny, small_profile, tree_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 CONTRACT_KEYS = {

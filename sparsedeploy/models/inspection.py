@@ -101,10 +101,8 @@ def recorded_sparsity(checkpoint: Checkpoint) -> dict | None:
 
 
 def _recorded_sparsity(checkpoint: Checkpoint) -> dict | None:
-    path = checkpoint.path / SPARSITY_FILE
-    if not path.is_file():
-        return None
+    """`inspect` shows what the weights hold even when sparsity.json is broken."""
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
+        return recorded_sparsity(checkpoint)
+    except BadInput:
         return None

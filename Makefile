@@ -8,7 +8,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 APT := $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends
 
-.PHONY: install test test-fast demo bench arm-check clean
+.PHONY: install test test-fast test-gpu demo bench arm-check clean
 
 install: $(STAMP)
 
@@ -43,7 +43,11 @@ test: install
 
 # Unit tests only: no default model, seconds.
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not default_model and not arm"
+	$(BIN)/python -m pytest -q -m "not default_model and not arm and not gpu"
+
+# The cuda target's kernels and graphs: on a machine with an NVIDIA GPU (sm_80+) and a CUDA torch.
+test-gpu: install
+	$(BIN)/python -m pytest -q -m gpu tests/test_cuda_target.py
 
 # The main job on the embedded default model: what can run here, prune to 2:4 (Wanda,
 # calibrated on the Canterbury corpus; reused when already there), build for ONNX Runtime

@@ -48,19 +48,20 @@ def kept_name(row: str) -> str:
     return row.replace(":", "of").replace("%", "pct").replace("/", "-")  # as prune_quality.py --keep
 
 
-def one_shot(row: str) -> tuple[Path, float]:
+def one_shot(row: str, device: str = "cpu") -> tuple[Path, float]:
     path = WORK / kept_name(row)
     if not (path / "sparsity.json").is_file():
         print(f"pruning {row} ...", file=sys.stderr, flush=True)
-        cli("prune", "default", "-o", str(path), *ROWS[row], *CALIBRATION, "--force")
+        cli("prune", "default", "-o", str(path), *ROWS[row], *CALIBRATION, "--device", device, "--force")
     evaluated, _ = cli("eval", str(path), *EVALUATION)
     return path, evaluated["ppl"]
 
 
-def measure(row: str, steps: int, lr: float | None, device: str) -> dict:
-    pruned, ppl_before = one_shot(row)
-    output = WORK / (f"{kept_name(row)}-recovered-{steps}" + (f"-lr{lr:g}" if lr else ""))
-    extra = ["--lr", str(lr)] if lr else []
+def measure(row: str, steps: int, lr: float | None, device: str, batch: int | None = None, seqlen: int | None = None) -> dict:
+    pruned, ppl_before = one_shot(row, device)
+    shape = f"-{batch}x{seqlen}" if batch or seqlen else ""
+    output = WORK / (f"{kept_name(row)}-recovered-{steps}" + (f"-lr{lr:g}" if lr else "") + shape)
+    extra = (["--lr", str(lr)] if lr else []) + (["--batch", str(batch)] if batch else []) + (["--seqlen", str(seqlen)] if seqlen else [])
     print(f"recovering {row} ({steps} steps) ...", file=sys.stderr, flush=True)
     document, seconds = cli("recover", str(pruned), "-o", str(output), "--steps", str(steps), "--device", device,
                             *extra, "--force")
@@ -107,6 +108,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--lr", type=float, default=None, help="default: recover's own")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=None, help="default: recover's own")
+    parser.add_argument("--seqlen", type=int, default=None, help="default: recover's own")
     parser.add_argument("--redo", action="store_true")
     parser.add_argument("--table", action="store_true", help="print the saved table and exit")
     args = parser.parse_args()
@@ -116,10 +119,12 @@ def main() -> None:
             dense, _ = cli("eval", "default", *EVALUATION)
             results["dense"] = {"ppl": dense["ppl"]}
         for row in args.rows:
-            key = f"{row} @ {args.steps} steps" + (f", lr {args.lr:g}" if args.lr else "") + f", {args.device}"
+            key = (f"{row} @ {args.steps} steps" + (f", lr {args.lr:g}" if args.lr else "")
+                   + (f", {args.batch or 'default'}x{args.seqlen or 'default'} tokens" if args.batch or args.seqlen else "")
+                   + f", {args.device}")
             if key in results and not args.redo:
                 continue
-            results[key] = measure(row, args.steps, args.lr, args.device)
+            results[key] = measure(row, args.steps, args.lr, args.device, args.batch, args.seqlen)
             RESULTS.parent.mkdir(exist_ok=True)
             RESULTS.write_text(json.dumps(results, indent=2) + "\n")
             print_table(results)

@@ -312,7 +312,7 @@ def targets_command(json_output: JsonFlag = False) -> None:
 def build_command(
     target: Annotated[Optional[str], typer.Option(help="Target profile name (see `sparsedeploy targets`).")] = None,
     model: Annotated[str, typer.Option(help="`default` or a local (pruned) Hugging Face directory.")] = "default",
-    quant: Annotated[str, typer.Option(help="none (the profile's precision), int8 or int4.")] = "none",
+    quant: Annotated[str, typer.Option(help="none (the profile's precision), int8, int4, or fp8 (tensorrt, sm_89+).")] = "none",
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Bundle directory (default build/MODEL-TARGET-PRECISION).")] = None,
     all_targets: Annotated[bool, typer.Option("--all", help="Build every target that can run here (bundles under -o/TARGET).")] = False,
     dense: Annotated[Optional[str], typer.Option(help="Dense source model for the latency baseline (default: the one sparsity.json names).")] = None,

@@ -39,7 +39,7 @@ from sparsedeploy.models.inspection import SPARSITY_FILE, recorded_sparsity
 from sparsedeploy.targets import TargetProfile, load_profile
 from sparsedeploy.ui import info
 
-QUANT_CHOICES = ("none", "int8", "int4")
+QUANT_CHOICES = ("none", "int8", "int4", "fp8")  # fp8: tensorrt on sm_89+
 # Patterns a checkpoint satisfies, strictest first: a 2:4 checkpoint is also 4:8 and
 # unstructured-sparse, so a profile accepting any of those accepts it.
 COMPATIBLE_PATTERNS = {

@@ -150,6 +150,34 @@ def _tensor_type_lines(details: dict) -> list[str]:
     return lines
 
 
+def _kernel_plan_lines(engine_kernels: dict) -> list[str]:
+    """A per-layer kernel plan (the cuda target): which kernel each layer runs at each token
+    count and the timed dense/2:4 ratio, layers of one shape and choice on one row."""
+    layers = [layer for layer in engine_kernels.get("layers", []) if "kernels" in layer]
+    if not layers:
+        return []
+    token_counts = sorted({int(t) for layer in layers for t in layer["kernels"]})
+    groups: dict[tuple, list[dict]] = {}
+    for layer in layers:
+        key = (tuple(layer["shape"]), tuple(layer["kernels"].get(str(t)) for t in token_counts), layer.get("reason", ""))
+        groups.setdefault(key, []).append(layer)
+    lines = ["", "### Kernel plan", "",
+             "Per layer and token count: the kernel that runs, and the timed dense / 2:4 ratio (above 1: 2:4 faster). "
+             "Layers of one shape and choice share a row.", "",
+             "| layers | shape | " + " | ".join(f"{t} tok" for t in token_counts) + " |",
+             "|---|---|" + "---|" * len(token_counts)]
+    for (shape, _, reason), members in groups.items():
+        ratios = {timing["tokens"]: timing["ratio"] for timing in members[0].get("timings", [])}
+        cells = []
+        for tokens in token_counts:
+            kernel = members[0]["kernels"].get(str(tokens), "-")
+            ratio = ratios.get(tokens)
+            cells.append(f"{'2:4' if kernel == 'sparse' else kernel}" + (f" ({ratio:.2f}x)" if ratio else ""))
+        names = members[0]["name"] + (f" and {len(members) - 1} more" if len(members) > 1 else "")
+        lines.append(f"| {names}{' (' + reason + ')' if reason else ''} | {shape[0]}x{shape[1]} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def render_markdown(report: dict) -> str:
     quality, latency, workload = report["quality"], report["latency"], report["latency"]["workload"]
     checkpoint, artifact = report["checkpoint"], report["artifact"]
@@ -210,6 +238,7 @@ def render_markdown(report: dict) -> str:
     lines += [
         "",
         f"Sparse kernels: **{latency['sparse_kernels']}**. {latency['evidence']}",
+        *_kernel_plan_lines(latency.get("engine_kernels", {})),
         "",
         f"![sparse vs dense latency]({PLOT_FILE})",
         "",

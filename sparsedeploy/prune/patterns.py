@@ -60,7 +60,7 @@ def nm_compliance(weight: torch.Tensor | np.ndarray, pattern: NMPattern) -> floa
     if usable == 0 or rows == 0:
         return 0.0
     # Summing M strided column slices is ~20x faster than a reduction over a size-M axis.
-    counts = torch.zeros(rows, usable // pattern.m, dtype=torch.uint8)
+    counts = torch.zeros(rows, usable // pattern.m, dtype=torch.uint8, device=nonzero.device)
     for offset in range(pattern.m):
         counts += nonzero[:, offset:usable:pattern.m]
     return float((counts <= pattern.n).sum().item()) / counts.numel()

@@ -1,0 +1,199 @@
+"""The cuda target (PyTorch + cuSPARSELt 2:4 under CUDA graphs).
+
+The kernel choice logic runs everywhere; the kernels themselves need an NVIDIA GPU and
+are marked ``gpu`` (not in `make test`; `make test-gpu` on a GPU machine runs them).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from sparsedeploy.backends.base import Workload
+from sparsedeploy.kernels.semi_structured import (
+    KernelTiming,
+    LayerPlan,
+    choose_kernel,
+    is_2of4,
+    nearest_planned,
+    padded_tokens,
+    plan_summary,
+    sparse_ineligibility,
+)
+from tests.conftest import REPOSITORY, make_tiny_model
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+
+
+def two_of_four(rows: int, cols: int, seed: int = 0, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, cols, generator=generator)
+    groups = weight.reshape(-1, 4)
+    keep = groups.abs().topk(2, dim=-1).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
+    return (groups * mask).reshape(rows, cols).to(device=device, dtype=dtype)
+
+
+def test_2of4_detection_and_eligibility():
+    weight = two_of_four(32, 64)
+    assert is_2of4(weight)
+    assert sparse_ineligibility(weight) is None
+    broken = weight.clone()
+    broken[3, 0:4] = 1.0  # one group with four non-zeros
+    assert not is_2of4(broken)
+    assert sparse_ineligibility(broken) == "not 2:4 sparse"
+    # 2:4 along the output dimension is not 2:4 for the kernel, which groups inputs
+    assert not is_2of4(two_of_four(64, 32).t().contiguous())
+    assert "multiple of 16" in sparse_ineligibility(two_of_four(24, 64))
+
+
+def test_token_padding_and_nearest_plan():
+    assert [padded_tokens(n) for n in (1, 15, 16, 17, 512)] == [16, 16, 16, 32, 512]
+    planned = [1, 8, 32, 512, 4096, 16384]
+    assert nearest_planned(1, planned) == 1
+    assert nearest_planned(600, planned) == 512
+    assert nearest_planned(3000, planned) == 4096
+    assert nearest_planned(1024, [512, 4096]) == 512  # log scale: 1024 is 2x from 512, 4x from 4096
+
+
+def test_kernel_choice_needs_a_margin():
+    assert choose_kernel(KernelTiming(16, dense_ms=1.0, sparse_ms=0.8)) == "sparse"
+    assert choose_kernel(KernelTiming(16, dense_ms=1.0, sparse_ms=0.99)) == "dense"  # within noise: dense
+    assert choose_kernel(KernelTiming(16, dense_ms=1.0, sparse_ms=1.5)) == "dense"
+
+
+def test_plan_round_trip_and_summary():
+    timings = [KernelTiming(16, 1.0, 2.0), KernelTiming(4096, 4.0, 2.5)]
+    plan = LayerPlan("model.layers.0.mlp.up_proj", (128, 64), {16: "dense", 4096: "sparse"}, timings)
+    kept = LayerPlan("model.layers.0.self_attn.k_proj", (24, 64), {16: "dense", 4096: "dense"}, reason="shape")
+    restored = LayerPlan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert restored.kernels == plan.kernels and restored.shape == plan.shape
+    assert [t.ratio for t in restored.timings] == [0.5, 1.6]
+    summary = plan_summary([plan, kept])
+    assert summary["16"] == {"sparse_layers": 0, "layers": 2, "linear_speedup": 1.0}
+    assert summary["4096"]["sparse_layers"] == 1 and summary["4096"]["linear_speedup"] == pytest.approx(1.6)
+
+
+def test_planned_token_counts_cover_the_workload():
+    from sparsedeploy.backends.torch_cuda import planned_token_counts
+
+    workload = Workload(eval_seqlen=1024, eval_windows=4, prompt_tokens=512, new_tokens=128, batches=(1, 8, 32),
+                        runs=3, warmup=1, threads=1)
+    assert planned_token_counts(workload) == [1, 8, 32, 512, 1024, 4096, 16384]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_build_without_gpu_exits_3(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "sparsedeploy", "build", "--target", "cuda", "--model", "default",
+                             "-o", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPOSITORY)
+    assert result.returncode == 3
+    assert "no CUDA GPU" in result.stderr and "cuda" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# -- on a GPU -------------------------------------------------------------------------
+
+
+def tiny_2of4_llama(dtype=torch.float16):
+    """A tiny Llama whose linear layers are 2:4 and 16-aligned (cuSPARSELt's minimum)."""
+    model = make_tiny_model("llama")
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and module is not model.lm_head:
+                module.weight.copy_(two_of_four(*module.weight.shape, seed=module.weight.numel()))
+    return model.to(device="cuda", dtype=dtype)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("tokens", [1, 7, 16, 100, 512])
+def test_sparse_linear_matches_dense(tokens):
+    from sparsedeploy.kernels.semi_structured import PlannedLinear
+
+    linear = nn.Linear(256, 128, bias=True).to("cuda", torch.float16)
+    with torch.no_grad():
+        linear.weight.copy_(two_of_four(128, 256, dtype=torch.float16, device="cuda"))
+    x = torch.randn(2, tokens, 256, device="cuda", dtype=torch.float16)
+    expected = nn.functional.linear(x.float(), linear.weight.float(), linear.bias.float())
+    sparse = PlannedLinear(linear, {1: "sparse", 4096: "sparse"})
+    assert sparse.weight is None  # a sparse-only plan keeps the compressed form alone
+    got = sparse(x).float()
+    assert got.shape == expected.shape
+    assert float((got - expected).norm() / expected.norm()) < 3e-3
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_planned_model_and_graphs_match_eager_transformers():
+    from sparsedeploy.kernels.graphs import build_generation, greedy_tokens
+    from sparsedeploy.kernels.semi_structured import LayerPlan, apply_plan
+    from sparsedeploy.models.adapters import adapter_for
+
+    reference = tiny_2of4_llama()
+    model = tiny_2of4_llama()
+    plans = [LayerPlan(linear.name, linear.shape, {1: "sparse", 64: "dense", 256: "sparse"})
+             for linear in adapter_for(model).linear_sublayers()]
+    apply_plan(model, plans)
+    ids = torch.randint(0, 256, (2, 40), device="cuda")
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits.float()
+        got = model(input_ids=ids).logits.float()
+    assert float((got - expected).norm() / expected.norm()) < 1e-2
+    # greedy continuation through the captured prefill/decode graphs = transformers' generate;
+    # in float32, where a random model's near-ties do not flip between attention paths
+    model = tiny_2of4_llama(torch.float32)
+    generation = build_generation(model, batch=2, prompt_tokens=40, new_tokens=8, graphs=True)
+    produced = greedy_tokens(generation, ids)
+    with torch.no_grad():
+        generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                                       min_new_tokens=8)[:, 40:]
+    assert torch.equal(produced, generated)
+    # a second prefill replay starts from an empty cache again
+    assert torch.equal(greedy_tokens(generation, ids), produced)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_build_cuda_end_to_end(tmp_path, default_checkpoint):
+    from tests.conftest import save_tokenized_tiny, small_profile
+
+    targets = tmp_path / "targets"
+    targets.mkdir()
+    (targets / "cuda.toml").write_text(small_profile("cuda"))
+    dense = save_tokenized_tiny(tmp_path / "dense", default_checkpoint, hidden_size=128, intermediate_size=256)
+    pruned = tmp_path / "pruned"
+    env = {**__import__("os").environ, "SPARSEDEPLOY_TARGETS": str(targets)}
+    run = lambda *args: subprocess.run([sys.executable, "-m", "sparsedeploy", *args], capture_output=True, text=True,  # noqa: E731
+                                       cwd=REPOSITORY, env=env)
+    pruned_run = run("prune", str(dense), "-o", str(pruned), "--method", "magnitude", "--pattern", "2:4")
+    assert pruned_run.returncode == 0, pruned_run.stderr
+    built = run("build", "--target", "cuda", "--model", str(pruned), "-o", str(tmp_path / "bundle"), "--json")
+    assert built.returncode in (0, 1), built.stderr
+    report = json.loads(built.stdout)
+    assert report["engine"]["device"] == "cuda"
+    assert report["artifact"]["nm_compliance"]["2:4"] == 1.0
+    layers = report["latency"]["engine_kernels"]["layers"]
+    assert len(layers) == 14 and all(layer["timings"] for layer in layers)
+    assert report["quality"]["kl_mean"] < 0.01
+    assert "linear layers on cuSPARSELt 2:4" in report["latency"]["evidence"]
+    assert (tmp_path / "bundle" / "report.md").read_text().count("cuSPARSELt") >= 1
+
+
+def test_report_lists_the_kernel_plan_per_layer():
+    from sparsedeploy.build.report import _kernel_plan_lines
+
+    up = LayerPlan("model.layers.0.mlp.up_proj", (11008, 4096), {16: "dense", 2048: "sparse"},
+                   [KernelTiming(16, 0.037, 0.033 * 1.2), KernelTiming(2048, 0.27, 0.21)])
+    twin = LayerPlan("model.layers.1.mlp.up_proj", up.shape, dict(up.kernels), up.timings)
+    odd = LayerPlan("model.layers.0.self_attn.k_proj", (24, 64), {16: "dense", 2048: "dense"}, reason="shape 24x64")
+    lines = _kernel_plan_lines({"layers": [p.to_dict() for p in (up, twin, odd)]})
+    table = "\n".join(lines)
+    assert "| 16 tok | 2048 tok |" in table
+    assert "model.layers.0.mlp.up_proj and 1 more | 11008x4096 | dense (0.93x) | 2:4 (1.29x) |" in table
+    assert "k_proj (shape 24x64) | 24x64 | dense | dense |" in table
+    assert _kernel_plan_lines({"layers": [{"name": "gemm", "sparse": True}]}) == []  # another engine's records

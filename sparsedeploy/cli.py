@@ -344,7 +344,8 @@ def build_command(
     reports = []
     for name in names:
         destination = (output / name if output is not None else None) if all_targets else output
-        request = BuildRequest(name, model, quant, destination, force, dense, windows, runs, fresh, gguf_type)
+        request = BuildRequest(name, model, quant, destination, force, dense, windows, runs, fresh,
+                               _gguf_type_for(name, gguf_type) if all_targets else gguf_type)
         if all_targets and quant != "none":
             from sparsedeploy.targets import load_profile
 
@@ -360,6 +361,16 @@ def build_command(
     failed = [f"{r['target']}: {g['name']} = {g['value']:.4g} (limit {g['limit']})" for r in reports for g in r["gates"] if not g["passed"]]
     if failed:
         raise GateFailed("gate failed: " + "; ".join(failed) + "; the bundle was written with its report")
+
+
+def _gguf_type_for(target: str, gguf_type: str | None) -> str | None:
+    """With --all, --gguf-type goes to the targets whose backend takes it (llama.cpp)."""
+    if gguf_type is None:
+        return None
+    from sparsedeploy.backends import get_backend
+    from sparsedeploy.targets import load_profile
+
+    return gguf_type if "gguf_type" in get_backend(load_profile(target).backend).command_line_options else None
 
 
 def _print_build_summary(report: dict, bundle: Path, sentence: str) -> None:

@@ -197,3 +197,14 @@ def test_report_lists_the_kernel_plan_per_layer():
     assert "model.layers.0.mlp.up_proj and 1 more | 11008x4096 | dense (0.93x) | 2:4 (1.29x) |" in table
     assert "k_proj (shape 24x64) | 24x64 | dense | dense |" in table
     assert _kernel_plan_lines({"layers": [{"name": "gemm", "sparse": True}]}) == []  # another engine's records
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4", "fp32"])
+def test_cuda_target_refuses_precisions_it_does_not_build(precision):
+    from sparsedeploy.backends.torch_cuda import TorchCudaBackend
+    from sparsedeploy.errors import BadInput
+
+    workload = Workload(eval_seqlen=64, eval_windows=2, prompt_tokens=16, new_tokens=4, batches=(1,), runs=1, warmup=0,
+                        threads=1)
+    with pytest.raises(BadInput, match="builds fp16 or bf16, not "):
+        TorchCudaBackend().build_settings(precision, workload, {})

@@ -7,6 +7,7 @@ are marked ``gpu`` (not in `make test`; `make test-gpu` on a GPU machine runs th
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -25,7 +26,7 @@ from sparsedeploy.kernels.semi_structured import (
     plan_summary,
     sparse_ineligibility,
 )
-from tests.conftest import REPOSITORY, make_tiny_model
+from conftest import REPOSITORY, make_tiny_model, save_tokenized_tiny, small_profile
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 
@@ -160,14 +161,12 @@ def test_planned_model_and_graphs_match_eager_transformers():
 @pytest.mark.gpu
 @needs_gpu
 def test_build_cuda_end_to_end(tmp_path, default_checkpoint):
-    from tests.conftest import save_tokenized_tiny, small_profile
-
     targets = tmp_path / "targets"
     targets.mkdir()
     (targets / "cuda.toml").write_text(small_profile("cuda"))
     dense = save_tokenized_tiny(tmp_path / "dense", default_checkpoint, hidden_size=128, intermediate_size=256)
     pruned = tmp_path / "pruned"
-    env = {**__import__("os").environ, "SPARSEDEPLOY_TARGETS": str(targets)}
+    env = {**os.environ, "SPARSEDEPLOY_TARGETS": str(targets)}
     run = lambda *args: subprocess.run([sys.executable, "-m", "sparsedeploy", *args], capture_output=True, text=True,  # noqa: E731
                                        cwd=REPOSITORY, env=env)
     pruned_run = run("prune", str(dense), "-o", str(pruned), "--method", "magnitude", "--pattern", "2:4")

@@ -22,16 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-HERE = Path(__file__).parent
-RESULTS = HERE / "results" / "cpu_targets.json"
-WORK = HERE / "work"
-CALIBRATION = ["--calib", "canterbury", "--nsamples", "64", "--seqlen", "512", "--seed", "0"]
+from _common import RESULTS_DIR, kept_name, pruned_default, run_sparsedeploy
+
+RESULTS = RESULTS_DIR / "cpu_targets.json"
 MODELS = {
     "dense": None,
     "wanda-50%": ["--method", "wanda", "--sparsity", "0.5"],
@@ -41,28 +38,14 @@ MODELS = {
 TARGETS = {"onnxruntime": ("fp32", "int8", "int4"), "deepsparse": ("fp32", "int8")}
 
 
-def cli(*args: str) -> tuple[subprocess.CompletedProcess, float]:
-    started = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "sparsedeploy", *args], capture_output=True, text=True)
-    return out, time.perf_counter() - started
-
-
 def checkpoint_for(model: str) -> str:
-    if MODELS[model] is None:
-        return "default"
-    path = WORK / model.replace(":", "of").replace("%", "pct").replace("/", "-")  # as prune_quality.py --keep
-    if not (path / "sparsity.json").is_file():
-        print(f"pruning {model} ...", file=sys.stderr, flush=True)
-        out, _ = cli("prune", "default", "-o", str(path), *MODELS[model], *CALIBRATION, "--force")
-        if out.returncode != 0:
-            raise SystemExit(f"prune {model} failed: {out.stderr.strip()[-400:]}")
-    return str(path)
+    return "default" if MODELS[model] is None else str(pruned_default(kept_name(model), MODELS[model]))
 
 
 def measure(model: str, target: str, precision: str, windows: int) -> dict:
     quant = "none" if precision == "fp32" else precision
     with tempfile.TemporaryDirectory() as scratch:
-        out, seconds = cli("build", "--target", target, "--model", checkpoint_for(model), "--quant", quant,
+        out, seconds = run_sparsedeploy("build", "--target", target, "--model", checkpoint_for(model), "--quant", quant,
                            "-o", str(Path(scratch) / "bundle"), "--windows", str(windows), "--json")
     if out.returncode not in (0, 1):  # 1: a gate failed, the numbers are still measured
         return {"error": (out.stderr.strip().splitlines() or ["?"])[-1][:300], "exit": out.returncode}

@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).parent
-RESULTS = HERE / "results" / "gguf_edge.json"
-WORK = HERE / "work"
-CALIBRATION = ["--calib", "canterbury", "--nsamples", "64", "--seqlen", "512", "--seed", "0"]
+from _common import RESULTS_DIR, WORK, pruned_default, sparsedeploy_json
+
+RESULTS = RESULTS_DIR / "gguf_edge.json"
 # row -> (checkpoint under WORK or "default", prune arguments, llama.cpp type)
 ROWS = {
     "dense F16": ("default", None, "F16"),
@@ -39,22 +37,9 @@ ANCHOR = ("llama.cpp's published figure: a 7B model at Q4_K_M generates about 2.
           "the edge study this issue cites pairs Q4_K_M with depth pruning")
 
 
-def cli(*args: str) -> dict:
-    done = subprocess.run([sys.executable, "-m", "sparsedeploy", *args, "--json"], capture_output=True, text=True)
-    if done.returncode not in (0, 1):  # 1: a gate failed, the report is still there
-        raise SystemExit(f"sparsedeploy {' '.join(args[:4])} ... failed ({done.returncode}): {done.stderr.strip()[-600:]}")
-    return json.loads(done.stdout)
-
-
 def checkpoint_for(row: str) -> str:
     name, prune_args, _ = ROWS[row]
-    if prune_args is None:
-        return name
-    path = WORK / name
-    if not (path / "sparsity.json").is_file():
-        print(f"pruning {name} ...", file=sys.stderr, flush=True)
-        cli("prune", "default", "-o", str(path), *prune_args, *CALIBRATION, "--force")
-    return str(path)
+    return name if prune_args is None else str(pruned_default(name, prune_args))
 
 
 def against_dense(bundle: Path, windows: int) -> dict:
@@ -83,8 +68,8 @@ def measure(row: str, windows: int) -> dict:
     gguf_type = ROWS[row][2]
     bundle = WORK / f"gguf-{row.replace(' ', '-').replace(':', 'of')}"
     print(f"building {row} ...", file=sys.stderr, flush=True)
-    report = cli("build", "--target", "gguf", "--model", checkpoint, "--gguf-type", gguf_type, "--dense", "default",
-                 "--windows", str(windows), "-o", str(bundle), "--force")
+    report, _ = sparsedeploy_json("build", "--target", "gguf", "--model", checkpoint, "--gguf-type", gguf_type,
+                                  "--dense", "default", "--windows", str(windows), "-o", str(bundle), "--force", ok=(0, 1))
     latency = report["latency"]
     return {
         "gguf_type": gguf_type,

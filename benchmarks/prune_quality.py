@@ -17,12 +17,11 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results" / "prune_quality.json"
-CALIBRATION = ["--calib", "canterbury", "--nsamples", "64", "--seqlen", "512", "--seed", "0"]
-EVALUATION = ["--data", "wikitext2", "--seqlen", "1024", "--windows", "40"]
+from _common import CALIBRATION, EVALUATION, RESULTS_DIR, kept_name, sparsedeploy_json
+
+RESULTS = RESULTS_DIR / "prune_quality.json"
 
 ROWS: dict[str, list[str]] = {
     **{f"{method}-{label}": ["--method", method, *target]
@@ -37,32 +36,18 @@ ROWS: dict[str, list[str]] = {
 }
 
 
-def cli(*args: str) -> tuple[dict, float]:
-    """Run the command line; returns its JSON and wall seconds."""
-    started = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "sparsedeploy", *args, "--json"], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"sparsedeploy {' '.join(args)} failed ({out.returncode}): {out.stderr.strip()[-500:]}")
-    return json.loads(out.stdout), time.perf_counter() - started
-
-
 def children_peak_rss_mib() -> float:
     """Largest peak RSS of the children reaped so far (a fresh process per row, and read
     right after the prune, so it is that prune's)."""
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
-def kept_name(row: str) -> str:
-    """The directory name a kept checkpoint gets (cpu_targets.py looks for the same)."""
-    return row.replace(":", "of").replace("%", "pct").replace("/", "-")
-
-
 def measure(row: str, keep: Path | None) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         output = keep / kept_name(row) if keep else Path(scratch) / "pruned"
-        pruned, prune_s = cli("prune", "default", "-o", str(output), *ROWS[row], *CALIBRATION, "--force")
+        pruned, prune_s = sparsedeploy_json("prune", "default", "-o", str(output), *ROWS[row], *CALIBRATION, "--force")
         peak_rss = children_peak_rss_mib()
-        evaluated, _ = cli("eval", str(output), *EVALUATION)
+        evaluated, _ = sparsedeploy_json("eval", str(output), *EVALUATION)
     measured = pruned["measured"]
     return {
         "ppl": evaluated["ppl"],
@@ -93,7 +78,7 @@ def main() -> None:
 
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     if "dense" not in results or args.redo:
-        dense, _ = cli("eval", "default", *EVALUATION)
+        dense, _ = sparsedeploy_json("eval", "default", *EVALUATION)
         results["dense"] = {"ppl": dense["ppl"], "sparsity": 0.0}
     for row in args.rows:
         if row not in ROWS:

@@ -17,16 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-HERE = Path(__file__).parent
-RESULTS = HERE / "results" / "recovery.json"
-WORK = HERE / "work"
-CALIBRATION = ["--calib", "canterbury", "--nsamples", "64", "--seqlen", "512", "--seed", "0"]
-EVALUATION = ["--data", "wikitext2", "--seqlen", "1024", "--windows", "40"]
+from _common import EVALUATION, RESULTS_DIR, WORK, kept_name, pruned_default, sparsedeploy_json
+
+RESULTS = RESULTS_DIR / "recovery.json"
 ROWS = {
     "wanda-2:4": ["--method", "wanda", "--pattern", "2:4"],
     "sparsegpt-2:4": ["--method", "sparsegpt", "--pattern", "2:4"],
@@ -36,24 +32,9 @@ ROWS = {
 }
 
 
-def cli(*args: str) -> tuple[dict, float]:
-    started = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "sparsedeploy", *args, "--json"], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"sparsedeploy {' '.join(args[:3])} ... failed ({out.returncode}): {out.stderr.strip()[-600:]}")
-    return json.loads(out.stdout), time.perf_counter() - started
-
-
-def kept_name(row: str) -> str:
-    return row.replace(":", "of").replace("%", "pct").replace("/", "-")  # as prune_quality.py --keep
-
-
 def one_shot(row: str, device: str = "cpu") -> tuple[Path, float]:
-    path = WORK / kept_name(row)
-    if not (path / "sparsity.json").is_file():
-        print(f"pruning {row} ...", file=sys.stderr, flush=True)
-        cli("prune", "default", "-o", str(path), *ROWS[row], *CALIBRATION, "--device", device, "--force")
-    evaluated, _ = cli("eval", str(path), *EVALUATION)
+    path = pruned_default(kept_name(row), ROWS[row], device)
+    evaluated, _ = sparsedeploy_json("eval", str(path), *EVALUATION)
     return path, evaluated["ppl"]
 
 
@@ -63,9 +44,9 @@ def measure(row: str, steps: int, lr: float | None, device: str, batch: int | No
     output = WORK / (f"{kept_name(row)}-recovered-{steps}" + (f"-lr{lr:g}" if lr else "") + shape)
     extra = (["--lr", str(lr)] if lr else []) + (["--batch", str(batch)] if batch else []) + (["--seqlen", str(seqlen)] if seqlen else [])
     print(f"recovering {row} ({steps} steps) ...", file=sys.stderr, flush=True)
-    document, seconds = cli("recover", str(pruned), "-o", str(output), "--steps", str(steps), "--device", device,
-                            *extra, "--force")
-    evaluated, _ = cli("eval", str(output), *EVALUATION)
+    document, seconds = sparsedeploy_json("recover", str(pruned), "-o", str(output), "--steps", str(steps),
+                                          "--device", device, *extra, "--force")
+    evaluated, _ = sparsedeploy_json("eval", str(output), *EVALUATION)
     recovery = document["recovery"]
     return {
         "ppl_one_shot": ppl_before,
@@ -116,7 +97,7 @@ def main() -> None:
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     if not args.table:
         if "dense" not in results:
-            dense, _ = cli("eval", "default", *EVALUATION)
+            dense, _ = sparsedeploy_json("eval", "default", *EVALUATION)
             results["dense"] = {"ppl": dense["ppl"]}
         for row in args.rows:
             key = (f"{row} @ {args.steps} steps" + (f", lr {args.lr:g}" if args.lr else "")

@@ -45,9 +45,10 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).parent / "results" / "reference_impls.json"
-OURS = Path(__file__).parent / "results" / "prune_quality.json"
-EVALUATION = ["--data", "wikitext2", "--seqlen", "1024", "--windows", "40"]
+from _common import EVALUATION, RESULTS_DIR, kept_name, sparsedeploy_json  # noqa: E402
+
+RESULTS = RESULTS_DIR / "reference_impls.json"
+OURS = RESULTS_DIR / "prune_quality.json"
 NSAMPLES, SEQLEN, SEED = 64, 512, 0
 
 # row -> (method, prune_n, prune_m, sparsity); our row of the same name without "original-".
@@ -233,14 +234,6 @@ def prune_child(row: str, wanda_src: Path, sparsegpt_src: Path, output: Path) ->
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
-def cli(*args: str) -> tuple[dict, float]:
-    started = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "sparsedeploy", *args, "--json"], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"sparsedeploy {' '.join(args)} failed ({out.returncode}): {out.stderr.strip()[-500:]}")
-    return json.loads(out.stdout), time.perf_counter() - started
-
-
 def measure(row: str, wanda_src: Path, sparsegpt_src: Path, keep: Path | None = None) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         output = Path(scratch) / "pruned"
@@ -251,9 +244,9 @@ def measure(row: str, wanda_src: Path, sparsegpt_src: Path, keep: Path | None = 
             raise RuntimeError(f"{row}: pruning failed: {child.stderr.strip()[-1500:]}")
         pruned = json.loads(child.stdout.strip().splitlines()[-1])
         if keep is not None:
-            shutil.copytree(output, keep / row.replace(":", "of").replace("%", "pct"), dirs_exist_ok=True)
-        inspected, _ = cli("inspect", str(output))
-        evaluated, eval_s = cli("eval", str(output), *EVALUATION)
+            shutil.copytree(output, keep / kept_name(row), dirs_exist_ok=True)
+        inspected, _ = sparsedeploy_json("inspect", str(output))
+        evaluated, eval_s = sparsedeploy_json("eval", str(output), *EVALUATION)
     layers = inspected["layers"]
     return {
         "ppl": evaluated["ppl"],

@@ -1,6 +1,5 @@
 """Outputs appear whole or not at all, also on Ctrl-C."""
 
-import os
 import signal
 import subprocess
 import sys

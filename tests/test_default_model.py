@@ -1,7 +1,6 @@
 """The real embedded default model (SmolLM2-135M-Instruct): conversion, caching,
 inspection, and `eval` agreeing with transformers' own loss."""
 
-import json
 import math
 
 import pytest

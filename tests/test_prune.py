@@ -5,9 +5,8 @@ import json
 import pytest
 import torch
 
-from conftest import EXPECTED_ROLES_ALL, make_tiny_model, run_cli, save_checkpoint, tree_fingerprint
+from conftest import EXPECTED_ROLES_ALL, make_tiny_model, run_cli, tree_fingerprint
 from sparsedeploy.models.adapters import adapter_for
-from sparsedeploy.models.checkpoint import resolve_checkpoint
 from sparsedeploy.prune.methods import SparsityTarget, Wanda, get_method, method_names
 from sparsedeploy.prune.patterns import nm_compliance, parse_nm, zero_fraction
 from sparsedeploy.prune.run import PruneRequest, prune_model

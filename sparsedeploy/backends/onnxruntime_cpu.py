@@ -8,7 +8,6 @@ says so instead of letting a user hope otherwise.
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from pathlib import Path
 

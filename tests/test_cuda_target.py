@@ -17,6 +17,7 @@ from torch import nn
 
 from sparsedeploy.backends.base import Workload
 from sparsedeploy.kernels.semi_structured import (
+    TWO_OF_FOUR,
     KernelTiming,
     LayerPlan,
     choose_kernel,
@@ -32,12 +33,11 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an N
 
 
 def two_of_four(rows: int, cols: int, seed: int = 0, dtype=torch.float32, device="cpu") -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    weight = torch.randn(rows, cols, generator=generator)
-    groups = weight.reshape(-1, 4)
-    keep = groups.abs().topk(2, dim=-1).indices
-    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
-    return (groups * mask).reshape(rows, cols).to(device=device, dtype=dtype)
+    from sparsedeploy.prune.masks import nm_mask
+    from sparsedeploy.prune.scores import magnitude_scores
+
+    weight = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+    return (weight * nm_mask(magnitude_scores(weight), TWO_OF_FOUR)).to(device=device, dtype=dtype)
 
 
 def test_2of4_detection_and_eligibility():
@@ -180,7 +180,15 @@ def test_build_cuda_end_to_end(tmp_path, default_checkpoint):
     assert len(layers) == 14 and all(layer["timings"] for layer in layers)
     assert report["quality"]["kl_mean"] < 0.01
     assert "linear layers on cuSPARSELt 2:4" in report["latency"]["evidence"]
-    assert (tmp_path / "bundle" / "report.md").read_text().count("cuSPARSELt") >= 1
+    markdown = (tmp_path / "bundle" / "report.md").read_text()
+    assert markdown.count("cuSPARSELt") >= 1
+    # the dense model quantized by bitsandbytes instead, measured beside it
+    assert [b["name"] for b in report["baselines"]] == ["bnb-int8", "bnb-nf4"]
+    for baseline in report["baselines"]:
+        assert "skipped" not in baseline, baseline
+        assert 0 < baseline["quality"]["kl_mean_vs_dense"] < 0.5
+        assert baseline["latency"]["by_batch"][0]["baseline"]["decode_tok_s"] > 0
+    assert "## Dense quantized baselines" in markdown
 
 
 def test_report_lists_the_kernel_plan_per_layer():

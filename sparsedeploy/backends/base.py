@@ -15,6 +15,9 @@ name. The verbs:
 - ``load(artifact_dir, workload)``: a :class:`Session` running the artifact in the
   engine: ``logits`` on one token window, ``measure_latency`` (prefill and decode timed
   separately inside the engine's process), ``kernels`` (what the engine says ran).
+- ``baselines`` / ``load_baseline(name, dense, workload)`` (optional): other ways to
+  shrink the dense model (bitsandbytes int8 / NF4 on the cuda target), measured beside
+  the builds when the profile lists them under ``[check] baselines``.
 """
 
 from __future__ import annotations
@@ -169,6 +172,22 @@ class Backend:
     def load(self, artifact: BuiltArtifact, workload: Workload) -> Session:
         raise NotImplementedError
 
+    # Other ways to shrink the dense model that a profile may ask to measure beside the
+    # builds (its [check] baselines): name -> what it is. Not gated; reported.
+    baselines: ClassVar[dict[str, str]] = {}
+
+    def baseline_unavailable(self, name: str) -> str | None:
+        """Why baseline ``name`` cannot be measured here (a package missing), else None."""
+        return None
+
+    def baseline_version(self, name: str) -> str:
+        """The versions that decide what baseline ``name`` measures (part of its cache key)."""
+        return self.engine_version()
+
+    def load_baseline(self, name: str, dense: BuiltArtifact, workload: Workload) -> Session:
+        """The dense build run as baseline ``name`` (quantized at load time, say)."""
+        raise NotImplementedError
+
 
 _BACKENDS: dict[str, type[Backend]] = {}
 
@@ -237,4 +256,26 @@ def time_generation(prefill, decode, new_tokens: int, runs: int, warmup: int) ->
         if run >= warmup:
             prefill_ms.append((prefilled - started) * 1000)
             decode_ms.append((finished - prefilled) * 1000 / max(new_tokens, 1))
+    return LatencySamples(prefill_ms, decode_ms)
+
+
+def time_generation_on_gpu(prefill, decode, new_tokens: int, runs: int, warmup: int, stream=None) -> LatencySamples:
+    """:func:`time_generation` for engines that run on a GPU: CUDA events recorded on
+    ``stream`` (default: the current one) mark the phases, so the host never waits between
+    steps and only the device's time between the marks counts."""
+    import torch
+
+    prefill_ms, decode_ms = [], []
+    for run in range(warmup + runs):
+        start, prefilled, finished = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        start.record(stream)
+        state = prefill()
+        prefilled.record(stream)
+        for _ in range(new_tokens):
+            state = decode(state)
+        finished.record(stream)
+        finished.synchronize()
+        if run >= warmup:
+            prefill_ms.append(start.elapsed_time(prefilled))
+            decode_ms.append(prefilled.elapsed_time(finished) / max(new_tokens, 1))
     return LatencySamples(prefill_ms, decode_ms)

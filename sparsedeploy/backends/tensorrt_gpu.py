@@ -28,6 +28,7 @@ from sparsedeploy.backends.base import (
     cuda_gpu,
     module_version,
     register_backend,
+    time_generation_on_gpu,
 )
 from sparsedeploy.errors import BadInput
 from sparsedeploy.export import tensorrt_engine as trt_stages
@@ -261,21 +262,9 @@ class TensorRTSession(Session):
             next_ids = outputs["logits"][:, -1].argmax(-1, keepdim=True)
             return next_ids, {p: outputs[o] for p, o in zip(past_names, presents)}, past_length + input_ids.shape[1]
 
-        prefill_ms, decode_ms = [], []
         with torch.cuda.stream(self.stream):
-            for run in range(warmup + runs):
-                start, middle, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
-                start.record(self.stream)
-                state = step(0, prompt, self._empty_past(batch), 0)
-                middle.record(self.stream)
-                for _ in range(new_tokens):
-                    state = step(1, *state)
-                end.record(self.stream)
-                end.synchronize()
-                if run >= warmup:
-                    prefill_ms.append(start.elapsed_time(middle))
-                    decode_ms.append(middle.elapsed_time(end) / max(new_tokens, 1))
-        return LatencySamples(prefill_ms, decode_ms)
+            return time_generation_on_gpu(lambda: step(0, prompt, self._empty_past(batch), 0), lambda state: step(1, *state),
+                                          new_tokens, runs, warmup, stream=self.stream)
 
     def kernels(self) -> dict:
         import tensorrt as trt

@@ -21,12 +21,13 @@ from sparsedeploy.backends.base import (
     Backend,
     BuildInputs,
     BuiltArtifact,
-    LatencySamples,
     Session,
     Workload,
     cuda_gpu,
+    module_version,
     register_backend,
 )
+from sparsedeploy.backends.torch_runtime import QUANTIZED_BASELINES, TorchSession, bitsandbytes_missing
 from sparsedeploy.errors import BadInput, TargetUnavailable
 from sparsedeploy.ui import info
 
@@ -69,18 +70,17 @@ class TorchCudaBackend(Backend):
     def build(self, inputs: BuildInputs, output_dir: Path) -> BuiltArtifact:
         import torch
 
-        from sparsedeploy.kernels.semi_structured import plan_layers, plan_summary
-        from sparsedeploy.models.adapters import adapter_for
-        from sparsedeploy.models.inspection import measure_linear_sublayers
+        from sparsedeploy.kernels.semi_structured import named_linears, plan_layers, plan_summary
+        from sparsedeploy.models.inspection import measure_linear_sublayers, worst_nm_compliance
 
         settings = self.build_settings(inputs.precision, inputs.workload, inputs.options)
         dtype = getattr(torch, DTYPES[inputs.precision])
         model = _copy_model(inputs.model, dtype)
         layers, sparsity = measure_linear_sublayers(model)  # measured in what is saved, after the cast
-        compliance = {name: min((layer["nm_compliance"][name] for layer in layers), default=1.0) for name in ("2:4", "4:8")}
+        compliance = worst_nm_compliance(layers)
         model.save_pretrained(output_dir, safe_serialization=True)
         model.to("cuda")
-        linears = [(linear.name, linear.module) for linear in adapter_for(model).linear_sublayers()]
+        linears = named_linears(model)
         info(f"      timing dense and 2:4 kernels of {len(linears)} linear layers at {settings['token_counts']} tokens ...")
         plans = plan_layers(linears, settings["token_counts"])
         plan = {"device": settings["device"], "engine": self.engine_version(), "precision": inputs.precision,
@@ -100,6 +100,20 @@ class TorchCudaBackend(Backend):
     def load(self, artifact: BuiltArtifact, workload: Workload) -> Session:
         return TorchCudaSession(artifact, workload)
 
+    baselines = QUANTIZED_BASELINES
+
+    def baseline_unavailable(self, name: str) -> str | None:
+        return bitsandbytes_missing()
+
+    def baseline_version(self, name: str) -> str:
+        return f"{self.engine_version()}, bitsandbytes {module_version('bitsandbytes')}"
+
+    def load_baseline(self, name: str, dense: BuiltArtifact, workload: Workload) -> Session:
+        import torch
+
+        graphs = json.loads((dense.directory / PLAN_FILE).read_text()).get("cuda_graphs", True)
+        return TorchSession(dense.directory, getattr(torch, DTYPES[dense.precision]), "cuda", graphs=graphs, baseline=name)
+
 
 def planned_token_counts(workload: Workload) -> list[int]:
     """The GEMM heights the check runs: prefill (batch x prompt), decode (batch), and the
@@ -109,12 +123,11 @@ def planned_token_counts(workload: Workload) -> list[int]:
 
 
 def _device_name() -> str:
-    import torch
-
-    if not torch.cuda.is_available():
-        raise TargetUnavailable("the cuda target needs an NVIDIA GPU: no CUDA GPU on this machine")
-    major, minor = torch.cuda.get_device_capability(0)
-    return f"{torch.cuda.get_device_name(0)} (sm_{major}{minor})"
+    """"NAME (sm_XY)" of the GPU the plan is timed on."""
+    has_gpu, detail = cuda_gpu()
+    if not has_gpu:
+        raise TargetUnavailable(f"the cuda target needs an NVIDIA GPU with 2:4 sparse tensor cores: {detail}")
+    return detail
 
 
 def _copy_model(model, dtype):
@@ -125,50 +138,29 @@ def _copy_model(model, dtype):
     return clone.to(dtype=dtype)
 
 
-class TorchCudaSession(Session):
+class TorchCudaSession(TorchSession):
+    """The build's weights on the GPU, each linear layer running its planned kernel."""
+
     def __init__(self, artifact: BuiltArtifact, workload: Workload):
         import torch
-        from transformers import AutoModelForCausalLM
 
-        from sparsedeploy.kernels.semi_structured import LayerPlan, apply_plan, plan_layers
+        from sparsedeploy.kernels.semi_structured import LayerPlan, apply_plan, named_linears, plan_layers
 
-        self.workload = workload
         plan = json.loads((artifact.directory / PLAN_FILE).read_text())
-        dtype = getattr(torch, DTYPES[artifact.precision])
-        self.model = AutoModelForCausalLM.from_pretrained(artifact.directory, dtype=dtype, use_safetensors=True,
-                                                          trust_remote_code=False).to("cuda").eval()
+        super().__init__(artifact.directory, getattr(torch, DTYPES[artifact.precision]), "cuda",
+                         graphs=plan.get("cuda_graphs", True))
+        self.workload = workload
         self.replanned = None
         device = _device_name()
         if plan["device"] != device:
             # Timings belong to the GPU they were taken on: time again here.
-            from sparsedeploy.models.adapters import adapter_for
-
             info(f"      the kernel plan was timed on {plan['device']}, this is {device}: timing again ...")
-            linears = [(linear.name, linear.module) for linear in adapter_for(self.model).linear_sublayers()]
-            plans = plan_layers(linears, plan["token_counts"])
+            plans = plan_layers(named_linears(self.model), plan["token_counts"])
             self.replanned = f"re-timed on {device} (the build's plan was timed on {plan['device']})"
         else:
             plans = [LayerPlan.from_dict(layer) for layer in plan["layers"]]
         apply_plan(self.model, plans)
         self.plans = plans
-        self.cuda_graphs = plan.get("cuda_graphs", True)
-        self.generations = {}
-
-    def logits(self, window):
-        import torch
-
-        with torch.no_grad():
-            output = self.model(input_ids=window[None].to("cuda"), use_cache=False)
-        return output.logits[0].float().cpu()
-
-    def measure_latency(self, batch: int, prompt_tokens: int, new_tokens: int, runs: int, warmup: int) -> LatencySamples:
-        from sparsedeploy.kernels.graphs import build_generation, time_generation_cuda
-
-        key = (batch, prompt_tokens, new_tokens)
-        if key not in self.generations:
-            self.generations[key] = build_generation(self.model, batch, prompt_tokens, new_tokens, graphs=self.cuda_graphs)
-        prefill_ms, decode_ms = time_generation_cuda(self.generations[key], runs, warmup)
-        return LatencySamples(prefill_ms, decode_ms)
 
     def kernels(self) -> dict:
         from sparsedeploy.kernels.semi_structured import nearest_planned
@@ -186,11 +178,4 @@ class TorchCudaSession(Session):
                     + "; ".join(said) + f"; {eligible} layers are 2:4 and eligible, the others stay dense "
                     "where the 2:4 kernel measured slower")
         return {"sparse_kernels": "used" if used else "not-used", "evidence": evidence,
-                "cuda_graphs": self.cuda_graphs, "layers": [p.to_dict() for p in self.plans]}
-
-    def close(self) -> None:
-        import torch
-
-        self.generations.clear()
-        self.model = None
-        torch.cuda.empty_cache()
+                "cuda_graphs": self.ran_graphs(), "layers": [p.to_dict() for p in self.plans]}

@@ -53,22 +53,41 @@ def latency_summary(samples: LatencySamples, batch: int, prompt_tokens: int) -> 
     }
 
 
-def latency_side_by_side(sparse: Session, dense: Session, workload: Workload) -> list[dict]:
-    """Per batch size: sparse and dense timed alternately, one run at a time, so that a
-    machine that slows down mid-measurement slows both alike."""
+def latency_side_by_side(candidate: Session, dense: Session, workload: Workload, name: str = "sparse") -> list[dict]:
+    """Per batch size: the candidate build (``name``) and the dense one timed alternately,
+    one run at a time, so that a machine that slows down mid-measurement slows both alike."""
     rows = []
     for batch in workload.batches:
-        collected = {"sparse": LatencySamples([], []), "dense": LatencySamples([], [])}
-        for run in progress_iter(range(workload.runs), f"latency, batch {batch}, sparse and dense", total=workload.runs):
-            for name, session in (("sparse", sparse), ("dense", dense)):
+        collected = {name: LatencySamples([], []), "dense": LatencySamples([], [])}
+        for run in progress_iter(range(workload.runs), f"latency, batch {batch}, {name} and dense", total=workload.runs):
+            for label, session in ((name, candidate), ("dense", dense)):
                 # The first run of each session carries the warm-up.
                 samples = session.measure_latency(batch, workload.prompt_tokens, workload.new_tokens, 1, workload.warmup if run == 0 else 0)
-                collected[name].prefill_ms += samples.prefill_ms
-                collected[name].decode_ms += samples.decode_ms
-        summary = {name: latency_summary(samples, batch, workload.prompt_tokens) for name, samples in collected.items()}
+                collected[label].prefill_ms += samples.prefill_ms
+                collected[label].decode_ms += samples.decode_ms
+        summary = {label: latency_summary(samples, batch, workload.prompt_tokens) for label, samples in collected.items()}
         speedup = {
-            "prefill": summary["dense"]["prefill_ms_p50"] / summary["sparse"]["prefill_ms_p50"],
-            "decode": summary["dense"]["decode_ms_p50"] / summary["sparse"]["decode_ms_p50"],
+            "prefill": summary["dense"]["prefill_ms_p50"] / summary[name]["prefill_ms_p50"],
+            "decode": summary["dense"]["decode_ms_p50"] / summary[name]["decode_ms_p50"],
         }
         rows.append({"batch": batch, **summary, "speedup": speedup})
     return rows
+
+
+def baseline_measurements(baseline: Session, dense: Session, windows, workload: Workload, name: str) -> dict:
+    """A dense quantized baseline against the dense build on the same engine: its
+    perplexity, KL and top-1 agreement against the dense build's logits, and its latency
+    alternated with the dense build's (``speedup`` above 1: the baseline is faster)."""
+    quality = quality_against_reference(baseline, windows, dense.logits, f"{name} vs the dense build")
+    rows = latency_side_by_side(baseline, dense, workload, name="baseline")
+    return {
+        "quality": {"ppl": quality["ppl_target"], "ppl_dense": quality["ppl_reference"],
+                    "kl_mean_vs_dense": quality["kl_mean"], "top1_vs_dense": quality["top1_agreement"]},
+        "latency": {"by_batch": [{"batch": row["batch"], "baseline": without_runs(row["baseline"]),
+                                  "dense": without_runs(row["dense"]), "speedup": row["speedup"]} for row in rows]},
+    }
+
+
+def without_runs(summary: dict) -> dict:
+    """A latency summary without its per-run lists (the report keeps those only once)."""
+    return {key: value for key, value in summary.items() if not key.endswith("_runs")}

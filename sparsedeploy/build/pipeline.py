@@ -23,7 +23,13 @@ from sparsedeploy.atomic import check_output_dir, staged_directory
 from sparsedeploy.backends.base import Backend, BuildInputs, BuiltArtifact, Workload, get_backend
 from sparsedeploy.build import bundle as bundles
 from sparsedeploy.build import cache
-from sparsedeploy.build.measure import engine_perplexity, latency_side_by_side, quality_against_reference
+from sparsedeploy.build.measure import (
+    baseline_measurements,
+    engine_perplexity,
+    latency_side_by_side,
+    quality_against_reference,
+    without_runs,
+)
 from sparsedeploy.build.report import (
     PLOT_FILE,
     SCHEMA,
@@ -121,10 +127,10 @@ def workload_for(profile: TargetProfile, windows: int | None = None, runs: int |
 
 def verify_checkpoint(checkpoint: Checkpoint, model, recorded: dict | None) -> dict:
     """Measured sparsity and N:M compliance, checked against sparsity.json's claims."""
-    from sparsedeploy.models.inspection import inferred_pattern, measure_linear_sublayers
+    from sparsedeploy.models.inspection import inferred_pattern, measure_linear_sublayers, worst_nm_compliance
 
     layers, total = measure_linear_sublayers(model)
-    compliance = {name: min((layer["nm_compliance"][name] for layer in layers), default=1.0) for name in ("2:4", "4:8")}
+    compliance = worst_nm_compliance(layers)
     pattern = inferred_pattern(layers, total)
     if recorded is not None:
         claimed = recorded.get("pattern")
@@ -241,10 +247,31 @@ class CheckInputs:
     windows: object  # [windows, seqlen] token ids
     same_shapes: bool
     fresh: bool
+    baselines: tuple[str, ...] = ()  # the profile's [check] baselines, measured beside the dense build
 
 
-def run_check(inputs: CheckInputs) -> tuple[dict, dict, list[dict], dict, str | None]:
-    """quality, dense quality, latency rows, engine kernel claim, cached-at (or None)."""
+@dataclass
+class CheckResults:
+    quality: dict  # the build against the PyTorch reference
+    dense_quality: dict  # the dense build's perplexity
+    rows: list[dict]  # latency per batch, sparse and dense
+    kernels: dict  # what the engine says ran
+    baselines: list[dict]  # per baseline: its quality and latency against the dense build, or why skipped
+    cached_at: str | None  # when reused measurements were taken (None: all fresh)
+
+
+def profile_baselines(profile: dict, backend: Backend) -> tuple[str, ...]:
+    """The baselines a profile asks for, each one the backend knows."""
+    names = profile.get("check", {}).get("baselines", [])
+    unknown = [name for name in names if name not in backend.baselines]
+    if unknown:
+        known = ", ".join(backend.baselines) or "none"
+        raise BadInput(f"the profile asks for baseline(s) {', '.join(unknown)} that backend '{backend.name}' does not measure "
+                       f"(it measures: {known}); fix [check] baselines in the target profile")
+    return tuple(names)
+
+
+def run_check(inputs: CheckInputs) -> CheckResults:
     from sparsedeploy.checks.quality import torch_logits_fn
 
     workload, backend = inputs.workload, inputs.backend
@@ -273,6 +300,17 @@ def run_check(inputs: CheckInputs) -> tuple[dict, dict, list[dict], dict, str | 
             rows = latency_side_by_side(session("sparse"), session("dense"), workload)
             return {"rows": rows, "kernels": session("sparse").kernels()}
 
+        def baseline(name: str) -> dict:
+            said = {"name": name, "description": backend.baselines[name]}
+            missing = backend.baseline_unavailable(name)
+            if missing:
+                info(f"Baseline {name} skipped: {missing}")
+                return {**said, "skipped": missing}
+            info(f"Measuring the baseline {name} against the dense build ...")
+            with backend.load_baseline(name, inputs.dense, workload) as opened:
+                found = baseline_measurements(opened, session("dense"), inputs.windows, workload, name)
+                return {**said, **found, "engine_kernels": opened.kernels()}
+
         stamps = []
         if use_cache:
             q, at1 = measured({"quality": inputs.sparse_key, "protocol": protocol, "reference": inputs.reference_sha}, False, quality)
@@ -281,19 +319,25 @@ def run_check(inputs: CheckInputs) -> tuple[dict, dict, list[dict], dict, str | 
             stamps = [at for at in (at1, at2, at3) if at]
         else:
             q, d, lat = quality(), dense_quality(), latency()
+        baselines = []
+        for name in inputs.baselines:
+            if use_cache and not backend.baseline_unavailable(name):
+                found, at = measured({"baseline": name, "version": backend.baseline_version(name), "dense": inputs.dense_key,
+                                      "protocol": protocol, "workload": workload.to_dict()}, False, lambda: baseline(name))
+                stamps += [at] if at else []
+            else:
+                found = baseline(name)
+            baselines.append(found)
     finally:
         for opened in sessions.values():
             opened.close()
-    cached_at = min(stamps) if stamps else None
-    return q, d, lat["rows"], lat["kernels"], cached_at
+    return CheckResults(q, d, lat["rows"], lat["kernels"], baselines, min(stamps) if stamps else None)
 
 
-def compose_report(target: str, inputs: CheckInputs, checkpoint_info: dict, artifact_info: dict,
-                   quality: dict, dense_quality: dict, rows: list[dict], kernels: dict, cached_at: str | None) -> dict:
-    workload = inputs.workload
+def compose_report(target: str, inputs: CheckInputs, checkpoint_info: dict, artifact_info: dict, results: CheckResults) -> dict:
+    workload, quality, rows = inputs.workload, results.quality, results.rows
     primary = rows[0]
-    kernel_state, evidence = judge_sparse_kernels(kernels, primary["speedup"], artifact_info["sparsity"], inputs.same_shapes)
-    strip = lambda m: {k: v for k, v in m.items() if not k.endswith("_runs")}  # noqa: E731
+    kernel_state, evidence = judge_sparse_kernels(results.kernels, primary["speedup"], artifact_info["sparsity"], inputs.same_shapes)
     report = {
         "schema": SCHEMA,
         "tool_version": __version__,
@@ -310,7 +354,7 @@ def compose_report(target: str, inputs: CheckInputs, checkpoint_info: dict, arti
                          "windows": workload.eval_windows, "tokens": quality["tokens"]},
             "ppl_reference": quality["ppl_reference"],
             "ppl_target": quality["ppl_target"],
-            "ppl_dense": dense_quality["ppl"],
+            "ppl_dense": results.dense_quality["ppl"],
             "delta_pct": (quality["ppl_target"] - quality["ppl_reference"]) / quality["ppl_reference"] * 100,
             "kl_mean": quality["kl_mean"],
             "top1_agreement": quality["top1_agreement"],
@@ -319,19 +363,21 @@ def compose_report(target: str, inputs: CheckInputs, checkpoint_info: dict, arti
             "workload": {"prompt_tokens": workload.prompt_tokens, "new_tokens": workload.new_tokens,
                          "batch": primary["batch"], "runs": workload.runs, "warmup": workload.warmup,
                          "threads": workload.threads},
-            "sparse": strip(primary["sparse"]),
-            "dense": strip(primary["dense"]),
+            "sparse": without_runs(primary["sparse"]),
+            "dense": without_runs(primary["dense"]),
             "speedup": primary["speedup"],
             "sparse_kernels": kernel_state,
             "evidence": evidence,
-            "engine_kernels": kernels,
+            "engine_kernels": results.kernels,
             "by_batch": rows,
         },
     }
+    if results.baselines:
+        report["baselines"] = results.baselines
     gates = evaluate_gates(report, gates_for(inputs.profile.get("gates", {}), inputs.precision))
     report["gates"] = gates
     report["passed"] = all(gate["passed"] for gate in gates)
-    report["cached_measurements"] = cached_at
+    report["cached_measurements"] = results.cached_at
     return report
 
 
@@ -363,6 +409,7 @@ def build(request: BuildRequest) -> tuple[dict, Path]:
     output = request.output if request.output is not None else default_output(profile, checkpoint, precision)
     output = check_output_dir(output, request.force, inputs=(checkpoint.path,))
     settings = backend.build_settings(precision, workload, options)
+    baselines = profile_baselines(profile.raw, backend)
 
     info(f"[1/5] Verifying {checkpoint.spec} ...")
     backend.preflight(checkpoint.path)
@@ -400,9 +447,9 @@ def build(request: BuildRequest) -> tuple[dict, Path]:
         profile=_profile_as_used(profile, workload), precision=precision, backend=backend, workload=workload,
         sparse=sparse, dense=dense, sparse_key=sparse_key, dense_key=dense_key,
         reference_model_loader=lambda: model, reference_sha=checkpoint_sha, data=data, windows=windows,
-        same_shapes=parameters == dense_parameters, fresh=request.fresh,
+        same_shapes=parameters == dense_parameters, fresh=request.fresh, baselines=baselines,
     )
-    quality, dense_quality, rows, kernels, cached_at = run_check(inputs)
+    results = run_check(inputs)
     checkpoint_info = {
         "path": checkpoint.spec if checkpoint.spec == "default" else str(checkpoint.path),
         "sha256": checkpoint_sha,
@@ -421,7 +468,7 @@ def build(request: BuildRequest) -> tuple[dict, Path]:
         bundles.place_tree(checkpoint.path, staging / bundles.REFERENCE_DIR, link=False)
         sparse_in_bundle = BuiltArtifact.from_directory(staging / bundles.ARTIFACT_DIR)
         artifact_info = artifact_summary(sparse_in_bundle, staging)
-        report = compose_report(profile.name, inputs, checkpoint_info, artifact_info, quality, dense_quality, rows, kernels, cached_at)
+        report = compose_report(profile.name, inputs, checkpoint_info, artifact_info, results)
         report["seconds"] = round(time.perf_counter() - started, 1)
         write_report_files(staging, report)
         bundles.write_manifest(staging)
@@ -495,10 +542,11 @@ def check(bundle_path: Path) -> dict:
         sparse_key=None, dense_key=None, reference_model_loader=reference_model,
         reference_sha=original["checkpoint"]["sha256"], data=data, windows=windows,
         same_shapes=original["checkpoint"]["parameters"] == original["checkpoint"]["dense_source"]["parameters"], fresh=True,
+        baselines=profile_baselines(original["profile"], backend),
     )
-    quality, dense_quality, rows, kernels, _ = run_check(inputs)
+    results = run_check(inputs)
     artifact_info = artifact_summary(inputs.sparse, bundle)
-    report = compose_report(original["target"], inputs, original["checkpoint"], artifact_info, quality, dense_quality, rows, kernels, None)
+    report = compose_report(original["target"], inputs, original["checkpoint"], artifact_info, results)
     report["bundle"] = str(bundle)
     report["reproduction"] = compare_quality(original["quality"], report["quality"])
     return report

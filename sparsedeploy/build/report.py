@@ -178,6 +178,41 @@ def _kernel_plan_lines(engine_kernels: dict) -> list[str]:
     return lines
 
 
+def _baseline_lines(report: dict) -> list[str]:
+    """Other ways to shrink the dense model (bitsandbytes int8 / NF4 on the cuda target),
+    beside the dense and the pruned build, at the first batch size."""
+    baselines = report.get("baselines")
+    if not baselines:
+        return []
+    quality, latency = report["quality"], report["latency"]
+    lines = ["", "## Dense quantized baselines", "",
+             f"The dense build quantized instead of pruned, on the same engine; not gated. KL and top-1 against the dense "
+             f"build on the same windows; speed at batch {latency['workload']['batch']}, each timed alternately with the "
+             "dense build (ratios above 1: faster than dense).", "",
+             "| build | perplexity | KL vs dense | top-1 vs dense | prefill tok/s | decode tok/s | vs dense: prefill / decode |",
+             "|---|---|---|---|---|---|---|",
+             f"| dense build ({report['precision']}) | {_fmt(quality['ppl_dense'], 3)} | 0 | 1 | {latency['dense']['prefill_tok_s']:.1f} "
+             f"| {latency['dense']['decode_tok_s']:.1f} | 1.00x / 1.00x |",
+             f"| pruned build ({report['checkpoint']['pattern']}, {report['precision']}) | {_fmt(quality['ppl_target'], 3)} | - | - "
+             f"| {latency['sparse']['prefill_tok_s']:.1f} | {latency['sparse']['decode_tok_s']:.1f} "
+             f"| {latency['speedup']['prefill']:.2f}x / {latency['speedup']['decode']:.2f}x |"]
+    builds_graphed = latency.get("engine_kernels", {}).get("cuda_graphs") is True
+    for baseline in baselines:
+        if "skipped" in baseline:
+            lines.append(f"| {baseline['name']} | skipped: {baseline['skipped']} | | | | | |")
+            continue
+        measured, row = baseline["quality"], baseline["latency"]["by_batch"][0]
+        # Said where the builds ran as CUDA graphs and this baseline could not be captured.
+        eager = builds_graphed and baseline.get("engine_kernels", {}).get("cuda_graphs") is False
+        lines.append(f"| {baseline['name']}{' (eager: no CUDA graphs)' if eager else ''} | {_fmt(measured['ppl'], 3)} "
+                     f"| {_fmt(measured['kl_mean_vs_dense'], 5)} | {_fmt(measured['top1_vs_dense'], 4)} "
+                     f"| {row['baseline']['prefill_tok_s']:.1f} | {row['baseline']['decode_tok_s']:.1f} "
+                     f"| {row['speedup']['prefill']:.2f}x / {row['speedup']['decode']:.2f}x |")
+    lines += [""] + [f"- {b['name']}: {b['description']}" + (f"; {b['engine_kernels']['evidence']}" if "engine_kernels" in b else "")
+                     for b in baselines]
+    return lines
+
+
 def render_markdown(report: dict) -> str:
     quality, latency, workload = report["quality"], report["latency"], report["latency"]["workload"]
     checkpoint, artifact = report["checkpoint"], report["artifact"]
@@ -239,6 +274,7 @@ def render_markdown(report: dict) -> str:
         "",
         f"Sparse kernels: **{latency['sparse_kernels']}**. {latency['evidence']}",
         *_kernel_plan_lines(latency.get("engine_kernels", {})),
+        *_baseline_lines(report),
         "",
         f"![sparse vs dense latency]({PLOT_FILE})",
         "",

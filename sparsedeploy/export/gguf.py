@@ -34,7 +34,6 @@ CONVERTER_ENV = "SPARSEDEPLOY_GGUF_CONVERTER"  # the directory the converter was
 CONVERTER_PACKAGE = "convert_hf_to_gguf"
 # The llama.cpp type each precision builds unless --gguf-type names another.
 DEFAULT_TYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "int8": "Q8_0", "int4": "Q4_K_M"}
-MEASURED_PATTERNS = ("2:4", "4:8")
 
 
 # -- the converter ------------------------------------------------------------------
@@ -239,7 +238,7 @@ def read_contents(path: Path, requested_type: str) -> GgufContents:
     than the one asked for."""
     import gguf
 
-    from sparsedeploy.prune.patterns import nm_compliance, parse_nm
+    from sparsedeploy.prune.patterns import MEASURED_PATTERNS, nm_compliance, parse_nm
 
     reader = gguf.GGUFReader(str(path))
     patterns = {name: parse_nm(name) for name in MEASURED_PATTERNS}

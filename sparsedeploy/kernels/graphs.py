@@ -1,4 +1,5 @@
-"""Prefill and decode of a transformers causal LM as CUDA graphs over a static KV cache.
+"""Prefill and decode of a transformers causal LM as CUDA graphs over a static KV cache
+(or the same steps run eagerly, on a GPU or a CPU).
 
 Serving runs a fixed sequence of kernels per step; replaying it as one CUDA graph
 removes the per-kernel launch cost, which otherwise dominates small-batch decode and
@@ -16,32 +17,40 @@ mask as given), computed inside the graph from the static positions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from sparsedeploy.backends.base import LatencySamples, time_generation, time_generation_on_gpu
+
 
 @dataclass
-class GraphedGeneration:
+class Generation:
+    """Prefill and decode of one (batch, prompt, new tokens) shape: graph replays, or the
+    same steps run eagerly (without graphs, and on a CPU)."""
+
     batch: int
     prompt_tokens: int
     new_tokens: int
-    prefill: torch.cuda.CUDAGraph | None
-    decode: torch.cuda.CUDAGraph | None
-    prompt_ids: torch.Tensor  # [B, P], copy a prompt in before a prefill replay
+    prefill: Callable[[], None]  # resets the cache, runs prompt_ids, sets next_ids/positions
+    decode: Callable[[], None]  # feeds next_ids, then advances next_ids/positions
+    prompt_ids: torch.Tensor  # [B, P], copy a prompt in before a prefill
     next_ids: torch.Tensor  # [B, 1], the token the next decode step feeds
     positions: torch.Tensor  # [B, 1], its position
-    # Everything else the graphs read or write (the KV cache, masks' positions): a graph
+    graphs: bool  # the steps are CUDA graph replays
+    # Everything else the steps read or write (the KV cache, the masks' positions): a graph
     # holds raw addresses, so these must live as long as it does.
     captured_state: tuple = ()
 
+    @property
+    def on_gpu(self) -> bool:
+        return self.next_ids.device.type == "cuda"
 
-def _cache_layers(cache) -> list:
-    return list(cache.layers)
 
-
-def build_generation(model, batch: int, prompt_tokens: int, new_tokens: int, graphs: bool = True) -> GraphedGeneration | _EagerGeneration:
-    """Capture the prefill and decode graphs of ``model`` (on cuda, eval) for one shape."""
+def build_generation(model, batch: int, prompt_tokens: int, new_tokens: int, graphs: bool = True) -> Generation:
+    """The prefill and decode steps of ``model`` (eval) for one shape; on a GPU captured
+    as CUDA graphs unless ``graphs`` is False."""
     from transformers import StaticCache
 
     device = next(model.parameters()).device
@@ -53,101 +62,72 @@ def build_generation(model, batch: int, prompt_tokens: int, new_tokens: int, gra
     next_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
     positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
 
+    # A sliding-window layer shorter than the sequence keeps only its window and picks its
+    # code path on the host: transformers must build the masks, and no graph can be captured.
+    outgrows_window = any(getattr(layer, "is_sliding", False) and max_len > layer.max_cache_len for layer in cache.layers)
+
     def forward(ids: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor:
-        mask = key_positions[None, None, None, :] <= query_positions[:, None, :, None]  # [B, 1, q, L]
+        mask = None if outgrows_window else key_positions[None, None, None, :] <= query_positions[:, None, :, None]  # [B, 1, q, L]
         out = model(input_ids=ids, position_ids=query_positions, attention_mask=mask, past_key_values=cache,
                     use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :]
 
+    @torch.no_grad()
     def prefill_step() -> None:
-        for layer in _cache_layers(cache):
+        for layer in cache.layers:
             if getattr(layer, "is_initialized", False):
                 layer.cumulative_length.zero_()
+                if hasattr(layer, "cumulative_length_int"):
+                    layer.cumulative_length_int = 0  # sliding-window layers also count on the host
         logits = forward(prompt_ids, prompt_positions)
         next_ids.copy_(logits.argmax(dim=-1, keepdim=True))
         positions.fill_(prompt_tokens)
 
+    @torch.no_grad()
     def decode_step() -> None:
         logits = forward(next_ids, positions)
         next_ids.copy_(logits.argmax(dim=-1, keepdim=True))
         positions.add_(1)
 
-    with torch.no_grad():
-        # Eager warm-up on a side stream: allocates the cache, creates library handles.
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                prefill_step()
-                decode_step()
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
-        if not graphs:
-            return _EagerGeneration(batch, prompt_tokens, new_tokens, prefill_step, decode_step, prompt_ids, next_ids, positions)
-        pool = torch.cuda.graph_pool_handle()
-        prefill_graph, decode_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        with torch.cuda.graph(prefill_graph, pool=pool):
+    state = (cache, key_positions, prompt_positions)
+    if device.type != "cuda":
+        return Generation(batch, prompt_tokens, new_tokens, prefill_step, decode_step, prompt_ids, next_ids, positions,
+                          graphs=False, captured_state=state)
+    # Eager warm-up on a side stream: allocates the cache, creates library handles.
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
             prefill_step()
-        with torch.cuda.graph(decode_graph, pool=pool):
             decode_step()
-    return GraphedGeneration(batch, prompt_tokens, new_tokens, prefill_graph, decode_graph, prompt_ids, next_ids, positions,
-                             captured_state=(cache, key_positions, prompt_positions, pool))
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    if not graphs or outgrows_window:
+        return Generation(batch, prompt_tokens, new_tokens, prefill_step, decode_step, prompt_ids, next_ids, positions,
+                          graphs=False, captured_state=state)
+    pool = torch.cuda.graph_pool_handle()
+    prefill_graph, decode_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(prefill_graph, pool=pool):
+        prefill_step()
+    with torch.cuda.graph(decode_graph, pool=pool):
+        decode_step()
+    return Generation(batch, prompt_tokens, new_tokens, prefill_graph.replay, decode_graph.replay, prompt_ids, next_ids,
+                      positions, graphs=True, captured_state=(*state, pool))
 
 
-@dataclass
-class _EagerGeneration:
-    """The same steps without graphs, for the eager comparison."""
-
-    batch: int
-    prompt_tokens: int
-    new_tokens: int
-    prefill_fn: object
-    decode_fn: object
-    prompt_ids: torch.Tensor
-    next_ids: torch.Tensor
-    positions: torch.Tensor
+def time_prefill_decode(generation: Generation, runs: int, warmup: int) -> LatencySamples:
+    """Prefill and mean decode-step milliseconds per run: CUDA events on a GPU (the host
+    never waits between steps), the host clock on a CPU."""
+    timer = time_generation_on_gpu if generation.on_gpu else time_generation
+    return timer(generation.prefill, lambda _: generation.decode(), generation.new_tokens, runs, warmup)
 
 
-def run_prefill(generation) -> None:
-    if isinstance(generation, GraphedGeneration):
-        generation.prefill.replay()
-    else:
-        with torch.no_grad():
-            generation.prefill_fn()
-
-
-def run_decode(generation) -> None:
-    if isinstance(generation, GraphedGeneration):
-        generation.decode.replay()
-    else:
-        with torch.no_grad():
-            generation.decode_fn()
-
-
-def time_generation_cuda(generation, runs: int, warmup: int) -> tuple[list[float], list[float]]:
-    """Prefill ms and mean decode-step ms per run, timed with CUDA events."""
-    prefill_ms, decode_ms = [], []
-    for run in range(warmup + runs):
-        start, prefilled, finished = (torch.cuda.Event(enable_timing=True) for _ in range(3))
-        start.record()
-        run_prefill(generation)
-        prefilled.record()
-        for _ in range(generation.new_tokens):
-            run_decode(generation)
-        finished.record()
-        finished.synchronize()
-        if run >= warmup:
-            prefill_ms.append(start.elapsed_time(prefilled))
-            decode_ms.append(prefilled.elapsed_time(finished) / max(generation.new_tokens, 1))
-    return prefill_ms, decode_ms
-
-
-def greedy_tokens(generation, prompt: torch.Tensor) -> torch.Tensor:
-    """The greedy continuation of ``prompt`` [B, P] through the captured steps: [B, G]."""
+def greedy_tokens(generation: Generation, prompt: torch.Tensor) -> torch.Tensor:
+    """The greedy continuation of ``prompt`` [B, P] through the steps: [B, G]."""
     generation.prompt_ids.copy_(prompt)
-    run_prefill(generation)
+    generation.prefill()
     produced = [generation.next_ids.clone()]
     for _ in range(generation.new_tokens - 1):
-        run_decode(generation)
+        generation.decode()
         produced.append(generation.next_ids.clone())
     return torch.cat(produced, dim=1)

@@ -21,8 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# cuSPARSELt needs the dense operand's token dimension padded (fp16/bf16: multiple of 16;
-# torch's semi-structured tensor pads it).
+from sparsedeploy.prune.patterns import nm_compliance, parse_nm
+
+TWO_OF_FOUR = parse_nm("2:4")
+
+# cuSPARSELt needs the dense operand's token dimension padded (fp16/bf16: multiple of 16).
 TOKEN_ALIGNMENT = 16
 # Sparse must beat dense by this much to be chosen: below it, run-to-run noise decides.
 SPARSE_WIN_MARGIN = 1.03
@@ -35,12 +38,9 @@ def padded_tokens(tokens: int) -> int:
 
 
 def is_2of4(weight: torch.Tensor) -> bool:
-    """Every group of 4 consecutive input columns has at most 2 non-zeros."""
-    out_features, in_features = weight.shape
-    if in_features % 4:
-        return False
-    groups = (weight != 0).reshape(out_features, in_features // 4, 4).sum(dim=-1)
-    return bool((groups <= 2).all())
+    """Every group of 4 consecutive input columns has at most 2 non-zeros (and there is
+    no partial group the kernel could not take)."""
+    return weight.shape[1] % 4 == 0 and nm_compliance(weight, TWO_OF_FOUR) == 1.0
 
 
 def sparse_ineligibility(weight: torch.Tensor) -> str | None:
@@ -58,7 +58,7 @@ def compress(weight: torch.Tensor) -> torch.Tensor:
     return torch._cslt_compress(weight.contiguous())
 
 
-def sparse_linear(compressed: torch.Tensor, x2d: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+def sparse_linear(compressed: torch.Tensor, x2d: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x2d [tokens, in] @ W^T (+ bias) with W from :func:`compress`: cuSPARSELt computes
     W @ x^T [out, tokens] and the transposed view is returned.
 
@@ -106,7 +106,7 @@ class PlannedLinear(nn.Module):
         if self.kernel_for(x2d.shape[0]) == "dense":
             out = F.linear(x2d, self.weight, self.bias)
         else:
-            out = sparse_linear(self.compressed, x2d, self.bias, self.out_features)
+            out = sparse_linear(self.compressed, x2d, self.bias)
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
@@ -166,7 +166,7 @@ def time_kernels(weight: torch.Tensor, bias: torch.Tensor | None, token_counts: 
     for tokens in token_counts:
         x = torch.randn(tokens, weight.shape[1], device=weight.device, dtype=weight.dtype)
         dense_ms = time_call(lambda: F.linear(x, weight, bias), graphs=graphs)
-        sparse_ms = time_call(lambda: sparse_linear(compressed, x, bias, weight.shape[0]), graphs=graphs)
+        sparse_ms = time_call(lambda: sparse_linear(compressed, x, bias), graphs=graphs)
         timings.append(KernelTiming(tokens, dense_ms, sparse_ms))
     del compressed
     return timings
@@ -195,8 +195,14 @@ class LayerPlan:
         return cls(data["name"], tuple(data["shape"]), kernels, timings, data.get("reason", ""))
 
 
-def plan_layers(linears: list[tuple[str, nn.Linear]], token_counts: list[int], allow_sparse: bool = True,
-                progress=None) -> list[LayerPlan]:
+def named_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """(module path, layer) of every decoder linear sublayer, as the adapter finds them."""
+    from sparsedeploy.models.adapters import adapter_for
+
+    return [(linear.name, linear.module) for linear in adapter_for(model).linear_sublayers()]
+
+
+def plan_layers(linears: list[tuple[str, nn.Linear]], token_counts: list[int]) -> list[LayerPlan]:
     """A kernel per layer and token count. Layers of one shape share one timing (the same
     GEMM: timing each again would only let noise flip choices between twins)."""
     token_counts = sorted(set(token_counts))
@@ -204,7 +210,7 @@ def plan_layers(linears: list[tuple[str, nn.Linear]], token_counts: list[int], a
     plans = []
     for name, linear in linears:
         shape = tuple(linear.weight.shape)
-        reason = "dense build" if not allow_sparse else sparse_ineligibility(linear.weight)
+        reason = sparse_ineligibility(linear.weight)
         if reason:
             plans.append(LayerPlan(name, shape, {t: "dense" for t in token_counts}, reason=reason))
             continue
@@ -213,8 +219,6 @@ def plan_layers(linears: list[tuple[str, nn.Linear]], token_counts: list[int], a
             by_shape[key] = time_kernels(linear.weight.detach(), None if linear.bias is None else linear.bias.detach(), token_counts)
         timings = by_shape[key]
         plans.append(LayerPlan(name, shape, {t.tokens: choose_kernel(t) for t in timings}, timings))
-        if progress is not None:
-            progress()
     return plans
 
 

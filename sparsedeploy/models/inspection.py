@@ -56,6 +56,12 @@ def measure_linear_sublayers(model: torch.nn.Module) -> tuple[list[dict], float]
     return layers, (zeros / total if total else 0.0)
 
 
+def worst_nm_compliance(layers: list[dict]) -> dict[str, float]:
+    """Per measured pattern, the compliance of the least compliant layer (what an engine
+    that needs the pattern everywhere can count on)."""
+    return {name: min((layer["nm_compliance"][name] for layer in layers), default=1.0) for name in MEASURED_PATTERNS}
+
+
 def inspect_model(checkpoint: Checkpoint, model: torch.nn.Module) -> dict:
     adapter = adapter_for(model)
     layers, total_sparsity = measure_linear_sublayers(model)

@@ -18,7 +18,7 @@ from sparsedeploy.data.windows import calibration_windows, tokenize
 from sparsedeploy.errors import BadInput
 from sparsedeploy.models.adapters import ArchitectureAdapter, LinearSublayer, adapter_for
 from sparsedeploy.models.checkpoint import Checkpoint, checkpoint_sha256, load_model, load_tokenizer
-from sparsedeploy.models.inspection import SPARSITY_FILE, measure_linear_sublayers, unique_parameter_count
+from sparsedeploy.models.inspection import SPARSITY_FILE, measure_linear_sublayers, unique_parameter_count, worst_nm_compliance
 from sparsedeploy.prune.masks import check_nm_shape
 from sparsedeploy.prune.methods import InputSquareNorms, PruningMethod, SparsityTarget
 from sparsedeploy.prune.owl import DEFAULT_LAMBDA, DEFAULT_THRESHOLD_M, outlier_ratio, owl_layer_sparsities
@@ -222,9 +222,7 @@ def prune_checkpoint(request: PruneRequest) -> dict:
         "measured": {
             "parameters": unique_parameter_count(model),
             "total_sparsity": total_sparsity,
-            "nm_compliance": {
-                name: min(layer["nm_compliance"][name] for layer in layers) for name in ("2:4", "4:8")
-            },
+            "nm_compliance": worst_nm_compliance(layers),
         },
         "layers": layers,
         "recovery": None,

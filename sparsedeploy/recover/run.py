@@ -34,7 +34,13 @@ from sparsedeploy.models.checkpoint import (
     load_tokenizer,
     recorded_source,
 )
-from sparsedeploy.models.inspection import SPARSITY_FILE, inferred_pattern, measure_linear_sublayers, recorded_sparsity
+from sparsedeploy.models.inspection import (
+    SPARSITY_FILE,
+    inferred_pattern,
+    measure_linear_sublayers,
+    recorded_sparsity,
+    worst_nm_compliance,
+)
 from sparsedeploy.recover.distill import (
     distillation_kl,
     hold_pruned_weights,
@@ -348,9 +354,7 @@ def recover_checkpoint(request: RecoverRequest) -> dict:
     document["tool_version"] = __version__
     document["layers"] = layers_after
     document.setdefault("measured", {})["total_sparsity"] = sparsity_after
-    document["measured"]["nm_compliance"] = {
-        name: min(layer["nm_compliance"][name] for layer in layers_after) for name in ("2:4", "4:8")
-    }
+    document["measured"]["nm_compliance"] = worst_nm_compliance(layers_after)
     document["recovery"] = recovery
 
     student.eval()

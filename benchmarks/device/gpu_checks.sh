@@ -5,15 +5,15 @@
 # it stays warm, so later stages reuse what earlier ones installed and pruned.
 #   stage          versions, the gpu tests that need no default model (kernels, graphs),
 #                  gpu_24.py's probe of the ways to call a 2:4 GEMM
-#   kernels        gpu_24.py: whole random 1B/7B models (dense, 2:4 planned/everywhere)
-#                  and the bitsandbytes baselines
+#   kernels-1b / kernels-7b   gpu_24.py: a whole random model (dense, 2:4 planned and
+#                  everywhere, graphs and eager) and its bitsandbytes baselines
 #   default-model  the cuda end-to-end test, then the default model pruned Wanda 2:4 and
 #                  built for the cuda target (quality on the real model, kernel plan, baselines)
 #   recovery-24 / recovery-rest   benchmarks/recovery.py on the GPU (the issue's GPU goals)
 set -uo pipefail
 case "${1:-}" in
-  stage|kernels|default-model|recovery-24|recovery-rest) ;;
-  *) echo "usage: bash benchmarks/device/gpu_checks.sh stage|kernels|default-model|recovery-24|recovery-rest" >&2; exit 2 ;;
+  stage|kernels-1b|kernels-7b|default-model|recovery-24|recovery-rest) ;;
+  *) echo "usage: bash benchmarks/device/gpu_checks.sh stage|kernels-1b|kernels-7b|default-model|recovery-24|recovery-rest" >&2; exit 2 ;;
 esac
 source "$(dirname "$0")/env.sh"
 OUT=${OUT:-/tmp/out}
@@ -29,9 +29,10 @@ case "${1:-}" in
     # the ways to call a 2:4 GEMM, timed and checked against float32 (which should the target use?)
     timeout 150 python3 benchmarks/gpu_24.py --part probe --sizes 1b --out "$OUT/probe.json" 2>&1 | grep -v Warning | tail -8
     ;;
-  kernels)
-    timeout 560 python3 benchmarks/gpu_24.py --part models baselines --sizes 1b 7b --out "$OUT/gpu_24.json" 2>&1 \
-      | grep -v Warning | tee "$OUT/gpu_24.log" | tail -40
+  kernels-1b|kernels-7b)
+    size=${1#kernels-}
+    timeout 570 python3 benchmarks/gpu_24.py --part models baselines --sizes $size --out "$OUT/gpu_24-$size.json" 2>&1 \
+      | grep -v Warning | tee "$OUT/gpu_24-$size.log" | tail -30
     ;;
   default-model)
     timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu -k end_to_end tests/test_cuda_target.py 2>&1 | tee "$OUT/pytest-e2e.log" | tail -15

@@ -8,9 +8,11 @@
 #                   with .carry/model.sha256                          [~47 MB each]
 # Then, on a warm machine, calls in quick succession (it is released after 30 s idle):
 #   1. carry [".carry/wheels", ".carry/model-a"]:  bash benchmarks/device/gpu_checks.sh stage
-#   2. carry [".carry/model-b"]:                   bash benchmarks/device/gpu_checks.sh kernels
-#   3. (nothing carried)                           bash benchmarks/device/gpu_checks.sh default-model
-#   4. (nothing carried)                           bash benchmarks/device/gpu_checks.sh recovery
+#   2. carry [".carry/model-b"]:                   bash benchmarks/device/gpu_checks.sh kernels-1b
+#   3. (nothing carried)                           ... gpu_checks.sh default-model
+#   4. then, as device time allows:                ... kernels-7b, recovery-24, recovery-rest
+# A later call must name no .carry path it did not send (a named path that is not here is
+# removed there); what env.sh copied out of .carry/ stays on the machine while it is warm.
 # Each call sources env.sh, which installs the wheels and joins the model once they are there.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -71,6 +71,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_eval.py
 	$(BIN)/python benchmarks/prune_memory.py
 	$(BIN)/python benchmarks/prune_quality.py --keep benchmarks/work
+	$(BIN)/python benchmarks/quantized_baselines.py
 	@# Hours on 2 cores (each resumes where it stopped):
 	$(BIN)/python benchmarks/cpu_targets.py
 	$(BIN)/python benchmarks/recovery.py

@@ -7,8 +7,9 @@ measured on Llama-shaped models with random weights, 2:4 masks by magnitude:
 
 probe:  the ways to call one 2:4 GEMM (cuSPARSELt directly in several layouts, ours, torch's
         semi-structured tensor) at 4096x4096 and 11008x4096, 16 / 128 / 2048 tokens: time
-        under graphs and eagerly, error against float32, and ours with cuSPARSELt's
-        algorithm id and split-K swept by hand.
+        under graphs and eagerly, error against float32, ours with cuSPARSELt's
+        algorithm id and split-K swept by hand, and the int8 GEMMs (2:4 with int32 out in
+        two layouts, dense _int_mm) checked for exactness.
 layers: every distinct linear shape, x @ W^T at 1..16384 tokens, median over CUDA-event
         timings: fp16 dense vs fp16 2:4, with and without CUDA graphs; int8 dense
         (torch._int_mm) and int8 2:4 (cuSPARSELt) against fp16 dense.
@@ -167,8 +168,39 @@ def probe(rows: list[dict]) -> None:
                 row[f"{name}_graph_us"] = time_call(fn, repeats=10, samples=5, graphs=True) * 1000
                 row[f"{name}_eager_us"] = time_call(fn, repeats=5, samples=3, graphs=False) * 1000
             row.update(tuned_cslt(compressed, x, expected))
+            row.update(int8_forms(weight, x))
             rows.append(row)
             print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+
+
+def int8_forms(weight: torch.Tensor, x: torch.Tensor) -> dict:
+    """The int8 GEMMs an INT8 2:4 build would run (weights per output channel, activations
+    per token; zeros kept), each checked for exactness against a float64 product of the
+    same int8 operands, and timed under graphs: cuSPARSELt 2:4 with int32 output, its
+    result transposed by the library or by a view, and the dense int8 GEMM."""
+    tokens, out_f = x.shape[0], weight.shape[0]
+    w8, _ = int8_rows(weight)
+    w8 = masked_2of4(w8.float()).to(torch.int8)
+    x8, _ = int8_rows(x)
+    compressed8 = torch._cslt_compress(w8)
+    exact = x8.double() @ w8.double().t()
+    ways = {
+        "int8_24_transposed": lambda: torch._cslt_sparse_mm(compressed8, x8.t(), out_dtype=torch.int32, transpose_result=True),
+        "int8_24_view": lambda: torch._cslt_sparse_mm(compressed8, x8.t(), out_dtype=torch.int32).t(),
+        "int8_dense": lambda: torch._int_mm(x8, w8.t()),
+    }
+    row = {}
+    for name, fn in ways.items():
+        try:
+            result = fn()
+            torch.cuda.synchronize()
+        except RuntimeError as error:
+            row[f"{name}_error"] = str(error).splitlines()[0][:160]
+            continue
+        result = result if tuple(result.shape) == (tokens, out_f) else result.t()
+        row[f"{name}_max_abs_err"] = float((result.double() - exact).abs().max())
+        row[f"{name}_graph_us"] = time_call(fn, repeats=10, samples=5, graphs=True) * 1000
+    return row
 
 
 def tuned_cslt(compressed: torch.Tensor, x: torch.Tensor, expected: torch.Tensor) -> dict:

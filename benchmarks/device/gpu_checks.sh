@@ -7,8 +7,9 @@
 #                  gpu_24.py's probe of the ways to call a 2:4 GEMM
 #   kernels-1b / kernels-7b   gpu_24.py: a whole random model (dense, 2:4 planned and
 #                  everywhere, graphs and eager) and its bitsandbytes baselines
-#   default-model  the cuda end-to-end test, then the default model pruned Wanda 2:4 and
-#                  built for the cuda target (quality on the real model, kernel plan, baselines)
+#   default-model  the cuda end-to-end test, then the default model pruned Wanda 2:4,
+#                  built for the cuda target (quality on the real model, kernel plan,
+#                  baselines) and the bundle checked again from itself
 #   recovery-24 / recovery-rest   benchmarks/recovery.py on the GPU (the GPU goals)
 set -uo pipefail
 case "${1:-}" in
@@ -40,6 +41,8 @@ case "${1:-}" in
     timeout 300 python3 -m sparsedeploy build --target cuda --model $WORK/wanda-2of4 -o $WORK/bundle --force --json \
       > "$OUT/report.json" 2> "$OUT/build.log"; echo "build exit $?"
     tail -15 "$OUT/build.log"; cp $WORK/bundle/report.md $WORK/bundle/latency.png "$OUT/" 2>/dev/null
+    # the bundle alone, checked again on the GPU (never done on one yet)
+    timeout 150 python3 -m sparsedeploy check $WORK/bundle --json > "$OUT/check.json" 2> "$OUT/check.log"; echo "check exit $?"
     ;;
   recovery-24)
     timeout 580 python3 benchmarks/recovery.py --rows wanda-2:4 sparsegpt-2:4 $RECOVERY 2>&1 | tail -20

@@ -99,7 +99,7 @@ def main() -> None:
 
 def print_table(results: dict) -> None:
     dense = results["dense"]["ppl"]
-    print(f"| row | perplexity | x dense | sparsity | 2:4 | 4:8 | prune s | peak RSS MiB |")
+    print("| row | perplexity | x dense | sparsity | 2:4 | 4:8 | prune s | peak RSS MiB |")
     print("|---|---|---|---|---|---|---|---|")
     for row, r in results.items():
         nm = {k: f"{v:.3f}" for k, v in r.get("nm_compliance", {}).items()}

@@ -130,6 +130,45 @@ def test_sparse_linear_matches_dense(tokens):
 
 @pytest.mark.gpu
 @needs_gpu
+@pytest.mark.parametrize("tokens", [1, 7, 16, 100, 512])
+def test_int8_sparse_linear_matches_float(tokens):
+    from sparsedeploy.kernels.int8 import Int8PlannedLinear
+
+    linear = nn.Linear(256, 128, bias=True).to("cuda", torch.float16)
+    with torch.no_grad():
+        linear.weight.copy_(two_of_four(128, 256, dtype=torch.float16, device="cuda"))
+    x = torch.randn(2, tokens, 256, device="cuda", dtype=torch.float16)
+    expected = nn.functional.linear(x.float(), linear.weight.float(), linear.bias.float())
+    for kernel in ("sparse", "dense"):
+        planned = Int8PlannedLinear(linear, {1: kernel, 4096: kernel})
+        with torch.no_grad():
+            got = planned(x).float()
+        assert got.shape == expected.shape
+        assert float((got - expected).norm() / expected.norm()) < 0.02, kernel
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_int8_plan_is_timed_and_runs_under_graphs():
+    from sparsedeploy.kernels.graphs import build_generation, greedy_tokens
+    from sparsedeploy.kernels.semi_structured import apply_plan, named_linears, plan_layers
+
+    model = tiny_2of4_llama()
+    ids = torch.randint(0, 256, (2, 40), device="cuda")
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits.float().log_softmax(-1)
+    plans = plan_layers(named_linears(model), [2, 80], int8=True)
+    assert all(plan.timings or plan.reason for plan in plans)
+    apply_plan(model, plans, int8=True)
+    with torch.no_grad():
+        got = model(input_ids=ids).logits.float().log_softmax(-1)
+    assert float((expected.exp() * (expected - got)).sum(-1).mean()) < 0.01
+    generation = build_generation(model, batch=2, prompt_tokens=40, new_tokens=4, graphs=True)
+    assert generation.graphs and greedy_tokens(generation, ids).shape == (2, 4)
+
+
+@pytest.mark.gpu
+@needs_gpu
 def test_planned_model_and_graphs_match_eager_transformers():
     from sparsedeploy.kernels.graphs import build_generation, greedy_tokens
     from sparsedeploy.kernels.semi_structured import LayerPlan, apply_plan
@@ -231,12 +270,84 @@ def test_report_lists_the_kernel_plan_per_layer():
     assert _kernel_plan_lines({"layers": [{"name": "gemm", "sparse": True}]}) == []  # another engine's records
 
 
-@pytest.mark.parametrize("precision", ["int8", "int4", "fp32"])
+@pytest.mark.parametrize("precision", ["int4", "fp32", "fp8"])
 def test_cuda_target_refuses_precisions_it_does_not_build(precision):
     from sparsedeploy.backends.torch_cuda import TorchCudaBackend
     from sparsedeploy.errors import BadInput
 
     workload = Workload(eval_seqlen=64, eval_windows=2, prompt_tokens=16, new_tokens=4, batches=(1,), runs=1, warmup=0,
                         threads=1)
-    with pytest.raises(BadInput, match="builds fp16 or bf16, not "):
+    with pytest.raises(BadInput, match="builds fp16, bf16, int8, not "):
         TorchCudaBackend().build_settings(precision, workload, {})
+
+
+# -- int8 (W8A8): the math on a CPU, where torch._int_mm runs too ---------------------------
+
+
+def test_int8_weights_keep_every_pruned_zero_and_the_2of4_pattern():
+    from sparsedeploy.kernels.int8 import INT8_MAX, quantize_weight_rows
+
+    weight = two_of_four(64, 128, seed=3)
+    weight[5] = 0  # an all-zero row: scale 1, all zeros
+    quantized, scale = quantize_weight_rows(weight)
+    assert quantized.dtype == torch.int8 and scale.shape == (64,) and scale[5] == 1
+    assert bool((quantized[weight == 0] == 0).all())
+    assert is_2of4(quantized.float())
+    assert int(quantized.abs().amax(dim=1)[torch.arange(64) != 5].min()) == INT8_MAX  # each row uses the full range
+    error = (quantized.float() * scale[:, None] - weight).abs()
+    assert bool((error <= scale[:, None] / 2 + 1e-7).all())
+
+
+def test_int8_tokens_are_quantized_per_row():
+    from sparsedeploy.kernels.int8 import quantize_tokens
+
+    x = torch.randn(5, 32) * torch.tensor([0.01, 1.0, 100.0, 0.0, 3.0])[:, None]
+    quantized, scale = quantize_tokens(x)
+    assert quantized.dtype == torch.int8 and scale.shape == (5, 1)
+    assert torch.equal(quantized[3], torch.zeros(32, dtype=torch.int8))
+    assert bool(((quantized.float() * scale - x).abs() <= scale / 2 + 1e-6).all())
+
+
+def test_int8_products_on_a_cpu_equal_torch_int_mm():
+    from sparsedeploy.kernels.int8 import dense_int8_matmul
+
+    generator = torch.Generator().manual_seed(6)
+    x_q = torch.randint(-127, 128, (33, 1536), dtype=torch.int8, generator=generator)
+    weight_q = torch.randint(-127, 128, (40, 1536), dtype=torch.int8, generator=generator)
+    x_q[0] = 127  # the largest sums, where float32 would round
+    weight_q[0] = 127
+    assert torch.equal(dense_int8_matmul(x_q, weight_q), torch._int_mm(x_q, weight_q.t()))
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 40])
+def test_int8_linear_on_the_dense_kernel_matches_float(tokens):
+    from sparsedeploy.kernels.int8 import Int8PlannedLinear
+
+    linear = nn.Linear(128, 64, bias=True)
+    with torch.no_grad():
+        linear.weight.copy_(two_of_four(64, 128, seed=4))
+    planned = Int8PlannedLinear(linear, {1: "dense", 512: "dense"})
+    assert planned.compressed is None and planned.weight_q.dtype == torch.int8  # only the forms the plan runs
+    x = torch.randn(2, tokens, 128)
+    with torch.no_grad():
+        expected, got = linear(x), planned(x)
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    assert float((got - expected).norm() / expected.norm()) < 0.02
+
+
+def test_int8_plan_applied_to_a_model_keeps_its_predictions():
+    from sparsedeploy.kernels.int8 import Int8PlannedLinear
+    from sparsedeploy.kernels.semi_structured import apply_plan, named_linears
+
+    model = make_tiny_model("llama")
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits.log_softmax(-1)
+    plans = [LayerPlan(name, tuple(linear.weight.shape), {1: "dense", 64: "dense"}) for name, linear in named_linears(model)]
+    apply_plan(model, plans, int8=True)
+    assert all(isinstance(module, Int8PlannedLinear) for name, module in model.named_modules() if name in {p.name for p in plans})
+    with torch.no_grad():
+        got = model(input_ids=ids).logits.log_softmax(-1)
+    kl = float((expected.exp() * (expected - got)).sum(-1).mean())
+    assert kl < 1e-3
+    assert float((got.argmax(-1) == expected.argmax(-1)).float().mean()) > 0.9

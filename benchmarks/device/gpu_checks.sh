@@ -10,11 +10,12 @@
 #   default-model  the cuda end-to-end test, then the default model pruned Wanda 2:4,
 #                  built for the cuda target (quality on the real model, kernel plan,
 #                  baselines) and the bundle checked again from itself
+#   default-model-int8  the same build with --quant int8 (W8A8; int8 2:4 against int8 dense)
 #   recovery-24 / recovery-rest   benchmarks/recovery.py on the GPU (the issue's GPU goals)
 set -uo pipefail
 case "${1:-}" in
-  stage|kernels-1b|kernels-7b|default-model|recovery-24|recovery-rest) ;;
-  *) echo "usage: bash benchmarks/device/gpu_checks.sh stage|kernels-1b|kernels-7b|default-model|recovery-24|recovery-rest" >&2; exit 2 ;;
+  stage|kernels-1b|kernels-7b|default-model|default-model-int8|recovery-24|recovery-rest) ;;
+  *) echo "usage: bash benchmarks/device/gpu_checks.sh stage|kernels-1b|kernels-7b|default-model|default-model-int8|recovery-24|recovery-rest" >&2; exit 2 ;;
 esac
 source "$(dirname "$0")/env.sh"
 OUT=${OUT:-/tmp/out}
@@ -43,6 +44,12 @@ case "${1:-}" in
     tail -15 "$OUT/build.log"; cp $WORK/bundle/report.md $WORK/bundle/latency.png "$OUT/" 2>/dev/null
     # the bundle alone, checked again on the GPU (never done on one yet)
     timeout 150 python3 -m sparsedeploy check $WORK/bundle --json > "$OUT/check.json" 2> "$OUT/check.log"; echo "check exit $?"
+    ;;
+  default-model-int8)
+    # after default-model (it prunes the checkpoint): the same build in W8A8
+    timeout 400 python3 -m sparsedeploy build --target cuda --quant int8 --model $WORK/wanda-2of4 -o $WORK/bundle-int8 \
+      --force --json > "$OUT/report-int8.json" 2> "$OUT/build-int8.log"; echo "build exit $?"
+    tail -15 "$OUT/build-int8.log"; cp $WORK/bundle-int8/report.md "$OUT/report-int8.md" 2>/dev/null
     ;;
   recovery-24)
     timeout 580 python3 benchmarks/recovery.py --rows wanda-2:4 sparsegpt-2:4 $RECOVERY 2>&1 | tail -20

@@ -10,7 +10,7 @@
 #   1. carry [".carry/wheels", ".carry/model-a"]:  bash benchmarks/device/gpu_checks.sh stage
 #   2. carry [".carry/model-b"]:                   bash benchmarks/device/gpu_checks.sh kernels-1b
 #   3. (nothing carried)                           ... gpu_checks.sh default-model
-#   4. then, as device time allows:                ... kernels-7b, recovery-24, recovery-rest
+#   4. then, as device time allows:   ... default-model-int8, kernels-7b, recovery-24, recovery-rest
 # A later call must name no .carry path it did not send (a named path that is not here is
 # removed there); what env.sh copied out of .carry/ stays on the machine while it is warm.
 # Each call sources env.sh, which installs the wheels and joins the model once they are there.

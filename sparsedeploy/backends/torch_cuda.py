@@ -33,7 +33,9 @@ from sparsedeploy.ui import info
 
 PLAN_FILE = "kernel_plan.json"
 WEIGHTS_FILE = "model.safetensors"
-DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
+# The 16-bit dtype each precision ships and runs its other layers in. int8 is W8A8 on the
+# linear layers (sparsedeploy.kernels.int8), quantized from the fp16 weights at load.
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "int8": "float16"}
 
 
 @register_backend
@@ -59,7 +61,7 @@ class TorchCudaBackend(Backend):
 
     def build_settings(self, precision: str, workload: Workload, options: dict) -> dict:
         if precision not in DTYPES:
-            raise BadInput(f"the cuda target builds {' or '.join(DTYPES)}, not {precision}; pass --quant none")
+            raise BadInput(f"the cuda target builds {', '.join(DTYPES)}, not {precision}; pass --quant none or --quant int8")
         return {
             "precision": precision,
             "token_counts": planned_token_counts(workload),
@@ -75,14 +77,18 @@ class TorchCudaBackend(Backend):
 
         settings = self.build_settings(inputs.precision, inputs.workload, inputs.options)
         dtype = getattr(torch, DTYPES[inputs.precision])
+        int8 = inputs.precision == "int8"
         model = _copy_model(inputs.model, dtype)
-        layers, sparsity = measure_linear_sublayers(model)  # measured in what is saved, after the cast
-        compliance = worst_nm_compliance(layers)
         model.save_pretrained(output_dir, safe_serialization=True)
+        if int8:
+            dequantize_in_place(model)  # what runs: the int8 weights (more zeros, never fewer)
+        layers, sparsity = measure_linear_sublayers(model)  # measured in what runs, after the cast
+        compliance = worst_nm_compliance(layers)
         model.to("cuda")
         linears = named_linears(model)
-        info(f"      timing dense and 2:4 kernels of {len(linears)} linear layers at {settings['token_counts']} tokens ...")
-        plans = plan_layers(linears, settings["token_counts"])
+        kind = "int8 dense and int8 2:4" if int8 else "dense and 2:4"
+        info(f"      timing {kind} kernels of {len(linears)} linear layers at {settings['token_counts']} tokens ...")
+        plans = plan_layers(linears, settings["token_counts"], int8=int8)
         plan = {"device": settings["device"], "engine": self.engine_version(), "precision": inputs.precision,
                 "token_counts": settings["token_counts"], "cuda_graphs": settings["cuda_graphs"],
                 "summary": plan_summary(plans),
@@ -130,6 +136,20 @@ def _device_name() -> str:
     return detail
 
 
+def dequantize_in_place(model) -> None:
+    """Each linear sublayer's weight replaced by its int8 round trip (what an int8 build
+    runs), to measure sparsity and compliance in it."""
+    import torch
+
+    from sparsedeploy.kernels.int8 import quantize_weight_rows
+    from sparsedeploy.kernels.semi_structured import named_linears
+
+    with torch.no_grad():
+        for _, linear in named_linears(model):
+            quantized, scale = quantize_weight_rows(linear.weight)
+            linear.weight.copy_((quantized.float() * scale[:, None]).to(linear.weight.dtype))
+
+
 def _copy_model(model, dtype):
     """A copy of the float32 CPU model in ``dtype`` (the caller's model stays as it is)."""
     import copy
@@ -150,16 +170,17 @@ class TorchCudaSession(TorchSession):
         super().__init__(artifact.directory, getattr(torch, DTYPES[artifact.precision]), "cuda",
                          graphs=plan.get("cuda_graphs", True))
         self.workload = workload
+        self.int8 = artifact.precision == "int8"
         self.replanned = None
         device = _device_name()
         if plan["device"] != device:
             # Timings belong to the GPU they were taken on: time again here.
             info(f"      the kernel plan was timed on {plan['device']}, this is {device}: timing again ...")
-            plans = plan_layers(named_linears(self.model), plan["token_counts"])
+            plans = plan_layers(named_linears(self.model), plan["token_counts"], int8=self.int8)
             self.replanned = f"re-timed on {device} (the build's plan was timed on {plan['device']})"
         else:
             plans = [LayerPlan.from_dict(layer) for layer in plan["layers"]]
-        apply_plan(self.model, plans)
+        apply_plan(self.model, plans, int8=self.int8)
         self.plans = plans
 
     def kernels(self) -> dict:
@@ -172,10 +193,12 @@ class TorchCudaSession(TorchSession):
         for phase, tokens in phases.items():
             sparse = sum(1 for p in self.plans if p.kernels[nearest_planned(tokens, sorted(p.kernels))] == "sparse")
             used |= sparse > 0
-            said.append(f"{phase} ({tokens} tokens): {sparse} of {len(self.plans)} linear layers on cuSPARSELt 2:4")
+            kernel = "cuSPARSELt int8 2:4 (W8A8)" if self.int8 else "cuSPARSELt 2:4"
+            said.append(f"{phase} ({tokens} tokens): {sparse} of {len(self.plans)} linear layers on {kernel}")
         eligible = sum(1 for p in self.plans if not p.reason)
+        dense = "dense int8 (torch._int_mm)" if self.int8 else "dense"
         evidence = (f"kernel plan timed under CUDA graphs{' (' + self.replanned + ')' if self.replanned else ''}: "
-                    + "; ".join(said) + f"; {eligible} layers are 2:4 and eligible, the others stay dense "
+                    + "; ".join(said) + f"; {eligible} layers are 2:4 and eligible, the others stay {dense} "
                     "where the 2:4 kernel measured slower")
         return {"sparse_kernels": "used" if used else "not-used", "evidence": evidence,
                 "cuda_graphs": self.ran_graphs(), "layers": [p.to_dict() for p in self.plans]}

@@ -202,35 +202,49 @@ def named_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return [(linear.name, linear.module) for linear in adapter_for(model).linear_sublayers()]
 
 
-def plan_layers(linears: list[tuple[str, nn.Linear]], token_counts: list[int]) -> list[LayerPlan]:
-    """A kernel per layer and token count. Layers of one shape share one timing (the same
-    GEMM: timing each again would only let noise flip choices between twins)."""
+def plan_layers(linears: list[tuple[str, nn.Linear]], token_counts: list[int], int8: bool = False) -> list[LayerPlan]:
+    """A kernel per layer and token count (``int8``: the W8A8 kernels of
+    ``sparsedeploy.kernels.int8``). Layers of one shape share one timing (the same GEMM:
+    timing each again would only let noise flip choices between twins). A shape the 2:4
+    kernel refuses stays dense, with the library's reason."""
+    from sparsedeploy.kernels.int8 import time_int8_kernels
+
+    timer = time_int8_kernels if int8 else time_kernels
     token_counts = sorted(set(token_counts))
-    by_shape: dict[tuple, list[KernelTiming]] = {}
+    by_shape: dict[tuple, list[KernelTiming] | str] = {}
     plans = []
     for name, linear in linears:
         shape = tuple(linear.weight.shape)
         reason = sparse_ineligibility(linear.weight)
+        key = (shape, linear.bias is not None, linear.weight.dtype)
+        if not reason and key not in by_shape:
+            try:
+                by_shape[key] = timer(linear.weight.detach(), None if linear.bias is None else linear.bias.detach(), token_counts)
+            except RuntimeError as error:  # found in the eager warm-up, before any graph capture
+                by_shape[key] = f"the 2:4 kernel refused it: {str(error).strip().splitlines()[0][:120]}"
+        if not reason and isinstance(by_shape[key], str):
+            reason = by_shape[key]
         if reason:
             plans.append(LayerPlan(name, shape, {t: "dense" for t in token_counts}, reason=reason))
             continue
-        key = (shape, linear.bias is not None, linear.weight.dtype)
-        if key not in by_shape:
-            by_shape[key] = time_kernels(linear.weight.detach(), None if linear.bias is None else linear.bias.detach(), token_counts)
         timings = by_shape[key]
         plans.append(LayerPlan(name, shape, {t.tokens: choose_kernel(t) for t in timings}, timings))
     return plans
 
 
-def apply_plan(model: nn.Module, plans: list[LayerPlan]) -> None:
-    """Replace each planned nn.Linear (by its module path) with a PlannedLinear."""
+def apply_plan(model: nn.Module, plans: list[LayerPlan], int8: bool = False) -> None:
+    """Replace each planned nn.Linear (by its module path) with a PlannedLinear, or with an
+    Int8PlannedLinear (W8A8) for an int8 build."""
+    from sparsedeploy.kernels.int8 import Int8PlannedLinear
+
+    planned_class = Int8PlannedLinear if int8 else PlannedLinear
     for plan in plans:
         parent_name, _, child = plan.name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         linear = getattr(parent, child)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{plan.name} is {type(linear).__name__}, not nn.Linear")
-        setattr(parent, child, PlannedLinear(linear, plan.kernels))
+        setattr(parent, child, planned_class(linear, plan.kernels))
 
 
 def plan_summary(plans: list[LayerPlan]) -> dict:

@@ -54,6 +54,7 @@ from sparsedeploy.kernels.semi_structured import (  # noqa: E402
     sparse_linear,
     time_call,
 )
+from sparsedeploy.kernels.int8 import quantize_rows  # noqa: E402
 from sparsedeploy.prune.masks import nm_mask  # noqa: E402
 from sparsedeploy.prune.scores import magnitude_scores  # noqa: E402
 
@@ -83,16 +84,11 @@ def masked_2of4(weight: torch.Tensor) -> torch.Tensor:
     return weight * nm_mask(magnitude_scores(weight), TWO_OF_FOUR)
 
 
-def int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-6) / 127
-    return (x.float() / scale).round().clamp(-127, 127).to(torch.int8), scale
-
-
 def bench_layers(size: str, rows: list[dict]) -> None:
     for name, (out_f, in_f) in linear_shapes(size).items():
         weight = masked_2of4(torch.randn(out_f, in_f, device="cuda", dtype=torch.float16) * 0.02)
         compressed = compress(weight)
-        w8, w_scale = int8_rows(weight)
+        w8, w_scale = quantize_rows(weight)
         w8 = masked_2of4(w8.float()).to(torch.int8)  # rounding keeps zeros, but be exact
         compressed8 = torch._cslt_compress(w8)
         for tokens in LAYER_TOKENS:
@@ -107,7 +103,7 @@ def bench_layers(size: str, rows: list[dict]) -> None:
                 repeats, samples = (20, 7) if graphs else (5, 3)
                 row[f"fp16_dense_ms_{tag}"] = time_call(lambda: F.linear(x, weight), repeats, samples, graphs)
                 row[f"fp16_24_ms_{tag}"] = time_call(lambda: sparse_linear(compressed, x), repeats, samples, graphs)
-            x8, _ = int8_rows(x)
+            x8, _ = quantize_rows(x)
             if tokens > 16:  # torch._int_mm needs more than 16 rows
                 row["int8_dense_ms_graph"] = time_call(lambda: torch._int_mm(x8, w8.t()), graphs=True)
             try:
@@ -179,9 +175,9 @@ def int8_forms(weight: torch.Tensor, x: torch.Tensor) -> dict:
     same int8 operands, and timed under graphs: cuSPARSELt 2:4 with int32 output, its
     result transposed by the library or by a view, and the dense int8 GEMM."""
     tokens, out_f = x.shape[0], weight.shape[0]
-    w8, _ = int8_rows(weight)
+    w8, _ = quantize_rows(weight)
     w8 = masked_2of4(w8.float()).to(torch.int8)
-    x8, _ = int8_rows(x)
+    x8, _ = quantize_rows(x)
     compressed8 = torch._cslt_compress(w8)
     exact = x8.double() @ w8.double().t()
     ways = {

@@ -110,17 +110,23 @@ def tiny_2of4_llama(dtype=torch.float16):
     return model.to(device="cuda", dtype=dtype)
 
 
+def linear_2of4_on_gpu(tokens: int) -> tuple[nn.Linear, torch.Tensor, torch.Tensor]:
+    """An fp16 2:4 linear layer on the GPU, an input of ``tokens`` per sequence, and the
+    float32 product the planned layers must match."""
+    linear = nn.Linear(256, 128, bias=True).to("cuda", torch.float16)
+    with torch.no_grad():
+        linear.weight.copy_(two_of_four(128, 256, dtype=torch.float16, device="cuda"))
+    x = torch.randn(2, tokens, 256, device="cuda", dtype=torch.float16)
+    return linear, x, nn.functional.linear(x.float(), linear.weight.float(), linear.bias.float())
+
+
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("tokens", [1, 7, 16, 100, 512])
 def test_sparse_linear_matches_dense(tokens):
     from sparsedeploy.kernels.semi_structured import PlannedLinear
 
-    linear = nn.Linear(256, 128, bias=True).to("cuda", torch.float16)
-    with torch.no_grad():
-        linear.weight.copy_(two_of_four(128, 256, dtype=torch.float16, device="cuda"))
-    x = torch.randn(2, tokens, 256, device="cuda", dtype=torch.float16)
-    expected = nn.functional.linear(x.float(), linear.weight.float(), linear.bias.float())
+    linear, x, expected = linear_2of4_on_gpu(tokens)
     sparse = PlannedLinear(linear, {1: "sparse", 4096: "sparse"})
     assert sparse.weight is None  # a sparse-only plan keeps the compressed form alone
     got = sparse(x).float()
@@ -134,11 +140,7 @@ def test_sparse_linear_matches_dense(tokens):
 def test_int8_sparse_linear_matches_float(tokens):
     from sparsedeploy.kernels.int8 import Int8PlannedLinear
 
-    linear = nn.Linear(256, 128, bias=True).to("cuda", torch.float16)
-    with torch.no_grad():
-        linear.weight.copy_(two_of_four(128, 256, dtype=torch.float16, device="cuda"))
-    x = torch.randn(2, tokens, 256, device="cuda", dtype=torch.float16)
-    expected = nn.functional.linear(x.float(), linear.weight.float(), linear.bias.float())
+    linear, x, expected = linear_2of4_on_gpu(tokens)
     for kernel in ("sparse", "dense"):
         planned = Int8PlannedLinear(linear, {1: kernel, 4096: kernel})
         with torch.no_grad():

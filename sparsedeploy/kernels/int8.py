@@ -20,7 +20,7 @@ from sparsedeploy.kernels.semi_structured import (
     KernelTiming,
     nearest_planned,
     padded_tokens,
-    time_call,
+    time_pair,
 )
 
 INT8_MAX = 127
@@ -28,20 +28,24 @@ INT8_MAX = 127
 DENSE_INT8_MIN_TOKENS = 32
 
 
-def quantize_weight_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per output channel: (int8 [out, in], float32 scale [out]). A zero
-    weight stays exactly zero; an all-zero row gets scale 1."""
-    magnitude = weight.detach().float().abs().amax(dim=1)
+def quantize_rows(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row, no zero point: (int8 [rows, cols], float32 scale [rows, 1]).
+    A zero stays exactly zero; an all-zero row gets scale 1."""
+    values = matrix.detach().float()
+    magnitude = values.abs().amax(dim=1, keepdim=True)
     scale = torch.where(magnitude > 0, magnitude / INT8_MAX, torch.ones_like(magnitude))
-    quantized = torch.round(weight.detach().float() / scale[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
-    return quantized, scale
+    return torch.round(values / scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8), scale
+
+
+def quantize_weight_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per output channel: (int8 [out, in], float32 scale [out])."""
+    quantized, scale = quantize_rows(weight)
+    return quantized, scale[:, 0]
 
 
 def quantize_tokens(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per token (row): (int8 [T, in], float32 scale [T, 1])."""
-    magnitude = x2d.float().abs().amax(dim=1, keepdim=True)
-    scale = torch.where(magnitude > 0, magnitude / INT8_MAX, torch.ones_like(magnitude))
-    return torch.round(x2d.float() / scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8), scale
+    """Per token: (int8 [T, in], float32 scale [T, 1])."""
+    return quantize_rows(x2d)
 
 
 def dense_int8_matmul(x_q: torch.Tensor, weight_q: torch.Tensor) -> torch.Tensor:
@@ -114,13 +118,7 @@ def time_int8_kernels(weight: torch.Tensor, bias: torch.Tensor | None, token_cou
     rescaling the output included: both kernels pay them) at each token count."""
     dense = Int8PlannedLinear(_as_linear(weight, bias), {1: "dense"})
     sparse = Int8PlannedLinear(_as_linear(weight, bias), {1: "sparse"})
-    timings = []
-    for tokens in token_counts:
-        x = torch.randn(tokens, weight.shape[1], device=weight.device, dtype=weight.dtype)
-        dense_ms = time_call(lambda: dense(x), graphs=graphs)
-        sparse_ms = time_call(lambda: sparse(x), graphs=graphs)
-        timings.append(KernelTiming(tokens, dense_ms, sparse_ms))
-    return timings
+    return time_pair(dense, sparse, weight, token_counts, graphs)
 
 
 def _as_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:

@@ -158,18 +158,23 @@ def time_call(fn, repeats: int = 20, samples: int = 7, graphs: bool = True) -> f
     return statistics.median(times)
 
 
-def time_kernels(weight: torch.Tensor, bias: torch.Tensor | None, token_counts: list[int], graphs: bool = True) -> list[KernelTiming]:
-    """Dense (cuBLAS) and 2:4 (cuSPARSELt) time of x @ W^T at each token count, on random
-    activations of the weight's dtype (never zeros: they can time faster than data)."""
-    compressed = compress(weight)
+def time_pair(dense, sparse, weight: torch.Tensor, token_counts: list[int], graphs: bool = True) -> list[KernelTiming]:
+    """``dense(x)`` and ``sparse(x)`` timed at each token count, on random activations of
+    the weight's width, device and dtype (never zeros: they can time faster than data)."""
     timings = []
     for tokens in token_counts:
         x = torch.randn(tokens, weight.shape[1], device=weight.device, dtype=weight.dtype)
-        dense_ms = time_call(lambda: F.linear(x, weight, bias), graphs=graphs)
-        sparse_ms = time_call(lambda: sparse_linear(compressed, x, bias), graphs=graphs)
+        dense_ms = time_call(lambda: dense(x), graphs=graphs)
+        sparse_ms = time_call(lambda: sparse(x), graphs=graphs)
         timings.append(KernelTiming(tokens, dense_ms, sparse_ms))
-    del compressed
     return timings
+
+
+def time_kernels(weight: torch.Tensor, bias: torch.Tensor | None, token_counts: list[int], graphs: bool = True) -> list[KernelTiming]:
+    """Dense (cuBLAS) and 2:4 (cuSPARSELt) time of x @ W^T at each token count."""
+    compressed = compress(weight)
+    return time_pair(lambda x: F.linear(x, weight, bias), lambda x: sparse_linear(compressed, x, bias), weight,
+                     token_counts, graphs)
 
 
 @dataclass

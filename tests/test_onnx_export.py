@@ -35,15 +35,15 @@ def session(path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def empty_past(result, batch: int) -> dict[str, np.ndarray]:
+def empty_past(result, batch: int, dtype=np.float32) -> dict[str, np.ndarray]:
     return {
-        name: np.zeros((batch, result.kv_heads, 0, result.head_dim), np.float32)
+        name: np.zeros((batch, result.kv_heads, 0, result.head_dim), dtype)
         for name in result.input_names
         if name.startswith("past_key_values.")
     }
 
 
-def prefill_then_decode(model, result, tokens: torch.Tensor, attention_mask: np.ndarray | None = None):
+def prefill_then_decode(model, result, tokens: torch.Tensor, attention_mask: np.ndarray | None = None, dtype=np.float32):
     """ORT prefill of all but the last token (empty past), then one decode step that
     feeds the returned presents as past. Returns (prefill outputs, decode outputs)."""
     batch, total = tokens.shape
@@ -54,7 +54,7 @@ def prefill_then_decode(model, result, tokens: torch.Tensor, attention_mask: np.
         "input_ids": tokens[:, :-1].numpy(),
         "attention_mask": mask[:, :-1],
         "position_ids": positions[:, :-1],
-        **empty_past(result, batch),
+        **empty_past(result, batch, dtype),
     })
     past = dict(zip((n for n in result.input_names if n.startswith("past_key_values.")), prefill[1:]))
     decode = sess.run(None, {
@@ -97,6 +97,34 @@ def test_prefill_and_decode_match_torch(tmp_path, model_type):
     assert decode[0].shape == (2, 1, 256)
     np.testing.assert_allclose(decode[0][:, -1], expected[:, 7], atol=ATOL, rtol=0)
     assert all(p.shape == (2, geometry.num_kv_heads, 8, geometry.head_dim) for p in decode[1:])
+
+
+@pytest.mark.parametrize("model_type", VERIFIED_ARCHITECTURES)
+def test_float16_graph_tracks_the_float32_model_and_leaves_it_alone(tmp_path, model_type):
+    """TensorRT's graph: float16 weights, cache and logits, traced from a half copy."""
+    model = make_tiny_model(model_type)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    attention = model.config._attn_implementation
+    result = export_decoder(model, tmp_path / "onnx", dtype=torch.float16)
+
+    assert result.dtype == "float16" and 0 < result.max_abs_diff
+    assert model.config._attn_implementation == attention  # the eager switch was the copy's
+    assert all(p.dtype == torch.float32 and torch.equal(p, before[name]) for name, p in model.named_parameters())
+    proto = onnx.load(str(result.path), load_external_data=False)
+    weights = [init for init in proto.graph.initializer if init.name.endswith(".weight.T")]
+    assert weights and {init.data_type for init in weights} == {onnx.TensorProto.FLOAT16}
+    io_types = {value.name: value.type.tensor_type.elem_type for value in [*proto.graph.input, *proto.graph.output]}
+    assert {io_types[name] for name in result.input_names[3:] + result.output_names} == {onnx.TensorProto.FLOAT16}
+
+    torch.manual_seed(1)
+    tokens = torch.randint(0, 256, (2, 8))
+    with torch.no_grad():
+        expected = model(tokens).logits.numpy()
+    prefill, decode = prefill_then_decode(model, result, tokens, dtype=np.float16)
+    assert prefill[0].dtype == np.float16 and all(p.dtype == np.float16 for p in decode[1:])
+    scale = float(np.abs(expected).max())
+    assert np.abs(prefill[0].astype(np.float32) - expected[:, :7]).max() < 2e-2 * scale
+    assert np.abs(decode[0][:, -1].astype(np.float32) - expected[:, 7]).max() < 2e-2 * scale
 
 
 def test_left_padding_and_sliding_window(tmp_path):
@@ -328,6 +356,8 @@ def test_bad_arguments_are_bad_input(tmp_path):
         export_decoder(model, tmp_path / "b", static_shapes={"seq": 0})
     with pytest.raises(BadInput, match="opset"):
         export_decoder(model, tmp_path / "c", opset=9)
+    with pytest.raises(BadInput, match="float32 or float16, not bfloat16"):
+        export_decoder(model, tmp_path / "e", dtype=torch.bfloat16)
     with pytest.raises(BadInput, match="float32"):
         export_decoder(model.to(torch.float16), tmp_path / "d")
     with pytest.raises(BadInput, match="does not exist"):

@@ -27,6 +27,7 @@ from sparsedeploy.backends.base import (
 )
 from sparsedeploy.errors import BadInput
 from sparsedeploy.export.last_position import LAST_GRAPH, write_last_position_graph
+from sparsedeploy.export.onnx_decoder import past_dtype
 
 # Which ONNX Runtime quantizer each precision uses unless the profile's [build] table
 # names another (`int8_scheme = "int8-static-qdq"`).
@@ -146,6 +147,7 @@ class OnnxRuntimeSession(Session):
         first_past = next(i for i in self.session.get_inputs() if i.name.startswith("past_key_values."))
         self.kv_heads, self.head_dim = int(first_past.shape[1]), int(first_past.shape[3])
         self.vocab = int(self.session.get_outputs()[0].shape[-1])
+        self.past_dtype = past_dtype(self.session)
 
     def _open(self, path: Path):
         import onnxruntime as ort
@@ -159,7 +161,7 @@ class OnnxRuntimeSession(Session):
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def _empty_past(self, batch: int) -> dict:
-        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=np.float32)
+        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.past_dtype)
         return {name: empty for name in self.past_names}
 
     def _feeds(self, input_ids: np.ndarray, past: dict, past_length: int) -> dict:
@@ -179,7 +181,7 @@ class OnnxRuntimeSession(Session):
             self.timed_session = None
             self.session = self._open(self.path)
         (logits,) = self.session.run(["logits"], self._feeds(ids, self._empty_past(1), 0))
-        return torch.from_numpy(logits[0])
+        return torch.from_numpy(logits[0].astype(np.float32, copy=False))
 
     def measure_latency(self, batch: int, prompt_tokens: int, new_tokens: int, runs: int, warmup: int) -> LatencySamples:
         if self.timed_path is not None and self.timed_session is None:

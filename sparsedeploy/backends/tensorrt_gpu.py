@@ -1,7 +1,7 @@
 """TensorRT engine with 2:4 sparse weights on an NVIDIA GPU.
 
-build: the shared ONNX export (FP32; Q/DQ for INT8 / FP8), the 2:4 orientation check,
-then two engines built with ``BuilderFlag.SPARSE_WEIGHTS``: ``model.plan`` (what ships:
+build: the shared ONNX export (float16; Q/DQ for INT8 / FP8), the 2:4 orientation check,
+then two strongly typed engines built with ``BuilderFlag.SPARSE_WEIGHTS``: ``model.plan`` (what ships:
 last-position logits, prefill and decode profiles, timed) and ``quality.plan`` (logits
 at every position of one window, for the quality check). The graphs stay in ``onnx/``
 so that the bundle can be rebuilt for another GPU or TensorRT version (a plan runs only
@@ -33,8 +33,7 @@ from sparsedeploy.backends.base import (
 from sparsedeploy.errors import BadInput
 from sparsedeploy.export import tensorrt_engine as trt_stages
 
-MIN_TENSORRT_MAJOR = 10  # the I/O-by-name API (set_input_shape, execute_async_v3) this uses
-DEFAULT_OPSET = 17
+MIN_TENSORRT_MAJOR = 10  # the I/O-by-name API (set_input_shape, execute_async_v3), strongly typed networks
 
 
 @register_backend
@@ -70,14 +69,13 @@ class TensorRTBackend(Backend):
             trt_stages.check_compute_capability(precision, device["capability"], device["name"])
         settings = {
             "precision": precision,
-            "opset": int(options.get("opset", trt_stages.FP8_OPSET if precision == "fp8" else DEFAULT_OPSET)),
+            "opset": trt_stages.graph_opset(precision, options.get("opset")),
             "flags": list(trt_stages.builder_flags(precision)),
+            "network": "strongly typed (float16 graph" + (", Q/DQ)" if precision != "fp16" else ")"),
             "device": device,
             "shapes": {"prompt_tokens": workload.prompt_tokens, "new_tokens": workload.new_tokens,
                        "batches": list(workload.batches), "eval_seqlen": workload.eval_seqlen},
         }
-        if precision == "fp8" and settings["opset"] < trt_stages.FP8_OPSET:
-            raise BadInput(f"fp8 needs ONNX opset {trt_stages.FP8_OPSET} or newer, the profile sets {settings['opset']}; raise opset in [build]")
         if precision in ("int8", "fp8"):
             settings["calibration"] = {
                 "data": options.get("calib", "canterbury"), "nsamples": int(options.get("calib_nsamples", 16)),

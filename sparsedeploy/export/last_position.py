@@ -110,6 +110,8 @@ def _check_last_graph(full: Path, last: Path) -> float:
     import numpy as np
     import onnxruntime
 
+    from sparsedeploy.export.onnx_decoder import past_dtype
+
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = 1
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
@@ -125,7 +127,7 @@ def _check_last_graph(full: Path, last: Path) -> float:
             elif value.name == "position_ids":
                 feeds[value.name] = np.arange(3, dtype=np.int64)[None]
             else:
-                feeds[value.name] = np.zeros((1, value.shape[1], 1, value.shape[3]), np.float32)
+                feeds[value.name] = np.zeros((1, value.shape[1], 1, value.shape[3]), past_dtype(session))
         results.append(session.run(["logits"], feeds)[0])
         del session
     want, got = results[0][:, -1:], results[1]

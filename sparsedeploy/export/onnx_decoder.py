@@ -6,11 +6,18 @@ decode. Its interface follows optimum's names, so ORT tooling recognises it:
     inputs   input_ids                  [batch, seq]               int64
              attention_mask             [batch, total_seq]         int64  (total_seq = past + seq)
              position_ids               [batch, seq]               int64
-             past_key_values.{i}.key    [batch, kv_heads, past, head_dim]       float32
-             past_key_values.{i}.value  [batch, kv_heads, past, head_dim]       float32
-    outputs  logits                     [batch, seq, vocab]        float32
-             present.{i}.key            [batch, kv_heads, total_seq, head_dim]  float32
-             present.{i}.value          [batch, kv_heads, total_seq, head_dim]  float32
+             past_key_values.{i}.key    [batch, kv_heads, past, head_dim]       float
+             past_key_values.{i}.value  [batch, kv_heads, past, head_dim]       float
+    outputs  logits                     [batch, seq, vocab]        float
+             present.{i}.key            [batch, kv_heads, total_seq, head_dim]  float
+             present.{i}.value          [batch, kv_heads, total_seq, head_dim]  float
+
+"float" is the graph's dtype: float32 (every CPU target), or float16 for TensorRT's
+strongly typed builds. A float16 graph is traced from a half-precision copy of the
+float32 model, so it is what PyTorch runs in half precision, op for op: the norms and
+rotary tables keep their casts to float32, the attention mask its float16 minimum; it
+needs no precision pass of its own. It is verified against the float32 model (torch's
+own float16 CPU kernels stray further from float32 than ONNX Runtime's do).
 
 A prefill feeds past tensors of length 0; a decode step feeds the previous presents.
 Every layer's cache is a plain growing one: sliding-window models (Mistral, Gemma 3)
@@ -45,6 +52,7 @@ load time; the file is smaller by vocab x hidden floats).
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import os
 import sys
@@ -81,6 +89,11 @@ CHECK_SHAPES = ((1, 4, 0), (3, 1, 6))
 # decode through ONNX Runtime). Others are attempted and refused if they do not verify.
 VERIFIED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "phi3", "opt", "gpt_neox")
 _PROTOBUF_LIMIT = 2**31 - 1
+# Largest |graph in ORT - float32 torch| allowed, relative to the largest |logit|, per
+# graph dtype. A float16 graph rounds every op's output to 11 bits: on the default model
+# at the check shapes (random past included) it strayed 0.3-1.5 %; a broken graph
+# strays by the logits' own size.
+VERIFY_TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-2}
 
 
 def input_names(num_layers: int) -> list[str]:
@@ -88,6 +101,13 @@ def input_names(num_layers: int) -> list[str]:
     for i in range(num_layers):
         names += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
     return names
+
+
+def past_dtype(session) -> np.dtype:
+    """The numpy dtype an ONNX Runtime session of an exported graph takes for its past
+    tensors (the graph's float type)."""
+    first = next(value for value in session.get_inputs() if value.name.startswith("past_key_values."))
+    return np.dtype(np.float16) if first.type == "tensor(float16)" else np.dtype(np.float32)
 
 
 def output_names(num_layers: int) -> list[str]:
@@ -115,6 +135,7 @@ class ExportResult:
     external_data: bool = True
     max_abs_diff: float | None = None  # worst |logits| difference ORT vs torch (None: not verified)
     seconds: float = 0.0
+    dtype: str = "float32"  # the graph's float type: weights, past/present, logits
 
     @property
     def directory(self) -> Path:
@@ -176,12 +197,15 @@ def export_decoder(
     *,
     opset: int = DEFAULT_OPSET,
     static_shapes: dict | None = None,
+    dtype: torch.dtype = torch.float32,
     external_data: bool = True,
     share_tied_embeddings: bool = True,
     verify: bool = True,
 ) -> ExportResult:
     """Export a float32 transformers causal LM to ``output_dir/model.onnx``.
 
+    ``dtype``: the graph's float type, torch.float32 or torch.float16 (traced from a
+    half-precision copy; ``model`` itself is left as it is).
     ``static_shapes``: e.g. ``{"batch": 1, "seq": 1, "past": 127}`` fixes those dims
     (any subset of batch/seq/past); the others stay dynamic. ``external_data`` puts the
     weights in ``model.onnx.data`` beside the graph (needed above 2 GB; relative path, so
@@ -196,6 +220,8 @@ def export_decoder(
     geometry = adapter.geometry()
     num_layers = adapter.num_layers
     _check_float32(model, model_type)
+    if dtype not in VERIFY_TOLERANCE:
+        raise BadInput(f"ONNX graphs are exported in float32 or float16, not {str(dtype).removeprefix('torch.')}")
     fixed = _check_static_shapes(static_shapes)
     if not MIN_OPSET <= int(opset) <= MAX_OPSET:
         raise BadInput(f"ONNX opset {opset} is not supported; choose an opset from {MIN_OPSET} to {MAX_OPSET} (17 for DeepSparse)")
@@ -205,6 +231,8 @@ def export_decoder(
     trace = {key: fixed.get(key, TRACE_SHAPES[key]) for key in SHAPE_KEYS}
     device = next(model.parameters()).device
     wrapper = DecoderWithCache(model, num_layers).eval()
+    # What is traced: the model itself, or its half-precision copy.
+    traced = wrapper if dtype == torch.float32 else DecoderWithCache(_reduced_precision_copy(model, dtype), num_layers).eval()
 
     def example(batch: int, seq: int, past: int, seed: int) -> tuple[torch.Tensor, ...]:
         return _example_inputs(batch, seq, past, vocab, geometry.num_kv_heads, geometry.head_dim, num_layers, device, seed)
@@ -220,8 +248,8 @@ def export_decoder(
                 with warnings.catch_warnings(), torch.no_grad(), _quiet_stdout():
                     warnings.simplefilter("ignore")
                     torch.onnx.export(
-                        wrapper,
-                        example(trace["batch"], trace["seq"], trace["past"], seed=0),
+                        traced,
+                        _cast_floats(example(trace["batch"], trace["seq"], trace["past"], seed=0), dtype),
                         str(raw_dir / MODEL_FILE),
                         dynamo=False,
                         opset_version=opset,
@@ -242,7 +270,7 @@ def export_decoder(
                 leftover.unlink()
             raw_dir.rmdir()
 
-            _name_initializers(proto, model)
+            _name_initializers(proto, traced.model)
             if share_tied_embeddings:
                 _share_tied_lm_head(proto)
             _set_io_shapes(proto, fixed, vocab, geometry.num_kv_heads, geometry.head_dim)
@@ -263,7 +291,7 @@ def export_decoder(
                     cases += [
                         tuple(fixed.get(key, value) for key, value in zip(SHAPE_KEYS, shape)) for shape in CHECK_SHAPES
                     ]
-                max_abs_diff = _verify(path, wrapper, example, cases, names_in, vocab, geometry, model_type)
+                max_abs_diff = _verify(path, wrapper, example, cases, names_in, vocab, geometry, model_type, dtype)
             files = sorted(p.name for p in staging.iterdir() if p.is_file())
             size = sum((staging / name).stat().st_size for name in files)
     finally:
@@ -286,6 +314,7 @@ def export_decoder(
         external_data=external_data,
         max_abs_diff=max_abs_diff,
         seconds=time.perf_counter() - started,
+        dtype=str(dtype).removeprefix("torch."),
     )
 
 
@@ -322,7 +351,7 @@ def _check_float32(model: nn.Module, model_type: str) -> None:
         found = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
         raise BadInput(
             f"the '{model_type}' model has {found} weights but the ONNX export needs float32; "
-            "load it with dtype=torch.float32 (load_model's default)"
+            "load it with dtype=torch.float32 (load_model's default); pass dtype=torch.float16 for a float16 graph"
         )
 
 
@@ -353,6 +382,26 @@ def _example_inputs(batch, seq, past, vocab, kv_heads, head_dim, num_layers, dev
     position_ids = torch.arange(past, past + seq, dtype=torch.int64).unsqueeze(0).expand(batch, seq).contiguous()
     kv = [torch.randn(batch, kv_heads, past, head_dim, generator=generator) for _ in range(2 * num_layers)]
     return tuple(t.to(device) for t in (input_ids, attention_mask, position_ids, *kv))
+
+
+def _reduced_precision_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``model`` whose parameters are ``dtype``, made without a second float32
+    copy (peak memory: the model plus its cast weights); tied weights stay tied, buffers
+    (rotary frequencies) stay float32 as transformers computes them.
+
+    The copy runs transformers' eager attention: torch's ONNX form of sdpa turns the
+    boolean mask into a float32 one, which silently promotes the whole attention block
+    and the output projection after it to float32. Eager attention adds a mask of the
+    model's dtype and takes only the softmax in float32, as PyTorch runs it."""
+    memo = {id(p): nn.Parameter(p.detach().to(dtype), requires_grad=False) for p in model.parameters()}
+    reduced = copy.deepcopy(model, memo)
+    if hasattr(reduced, "set_attn_implementation"):
+        reduced.set_attn_implementation("eager")
+    return reduced
+
+
+def _cast_floats(tensors: tuple[torch.Tensor, ...], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
 
 
 def _dynamic_axes(num_layers: int, fixed: dict[str, int]) -> dict[str, dict[int, str]]:
@@ -408,7 +457,7 @@ def _name_initializers(proto, model: nn.Module) -> dict[str, str]:
         taken.update(node.output)
     renames = {}
     for init in graph.initializer:
-        if init.data_type != TensorProto.FLOAT:
+        if init.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16):
             continue
         stripped = init.name.removeprefix(wrapper_prefix)
         if init.name.startswith(wrapper_prefix) and stripped in params:
@@ -521,9 +570,9 @@ def _save(proto, path: Path, external_data: bool) -> None:
     onnx.save_model(proto, str(path))
 
 
-def _verify(path, wrapper, example, cases, names_in, vocab, geometry, model_type) -> float:
+def _verify(path, wrapper, example, cases, names_in, vocab, geometry, model_type, dtype) -> float:
     """Run the written graph in ONNX Runtime at each (batch, seq, past) and compare with
-    the torch model; raise BadInput on any mismatch. Returns the worst |logits| diff."""
+    the float32 torch model; raise BadInput on any mismatch. Returns the worst |logits| diff."""
     import onnxruntime
 
     try:
@@ -538,7 +587,7 @@ def _verify(path, wrapper, example, cases, names_in, vocab, geometry, model_type
         inputs = example(batch, seq, past, seed)
         with torch.no_grad():
             expected = [t.float().cpu().numpy() for t in wrapper(*inputs)]
-        feed = {name: tensor.cpu().numpy() for name, tensor in zip(names_in, inputs)}
+        feed = {name: tensor.cpu().numpy() for name, tensor in zip(names_in, _cast_floats(inputs, dtype))}
         where = f"batch={batch}, seq={seq}, past={past}"
         try:
             actual = session.run(None, feed)
@@ -551,9 +600,10 @@ def _verify(path, wrapper, example, cases, names_in, vocab, geometry, model_type
         want_kv = (batch, geometry.num_kv_heads, past + seq, geometry.head_dim)
         shapes_ok = actual[0].shape == want_logits and all(a.shape == want_kv for a in actual[1:])
         scale = max(1.0, float(np.abs(expected[0]).max(initial=0.0)))
-        diffs = [float(np.abs(a - e).max(initial=0.0)) if a.shape == e.shape else float("inf") for a, e in zip(actual, expected)]
+        diffs = [float(np.abs(a.astype(np.float32) - e).max(initial=0.0)) if a.shape == e.shape else float("inf")
+                 for a, e in zip(actual, expected)]
         worst = max(worst, diffs[0])
-        if not shapes_ok or max(diffs) > 1e-3 * scale:
+        if not shapes_ok or max(diffs) > VERIFY_TOLERANCE[dtype] * scale:
             raise BadInput(
                 f"the ONNX export of '{model_type}' does not match torch at {where} "
                 f"(max |logits diff| {diffs[0]:.3g}, max |present diff| {max(diffs[1:], default=0.0):.3g}, "
@@ -633,14 +683,22 @@ def _float_types() -> frozenset[int]:
     return frozenset((TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE))
 
 
+def _float8_types() -> frozenset[int]:
+    """8-bit float weights of Q/DQ graphs (TensorRT's FP8); read as floats, not integers."""
+    from onnx import TensorProto
+
+    return frozenset((TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E4M3FNUZ, TensorProto.FLOAT8E5M2, TensorProto.FLOAT8E5M2FNUZ))
+
+
 def _weight_types() -> frozenset[int]:
-    """Element types a linear weight may be stored in: float, or integer in quantized graphs."""
+    """Element types a linear weight may be stored in: float, or integer / 8-bit float in
+    quantized graphs."""
     from onnx import TensorProto
 
     integers = (
         TensorProto.INT8, TensorProto.UINT8, TensorProto.INT4, TensorProto.UINT4, TensorProto.INT16, TensorProto.UINT16
     )
-    return _float_types() | frozenset(integers)
+    return _float_types() | _float8_types() | frozenset(integers)
 
 
 class _Use(NamedTuple):
@@ -811,7 +869,8 @@ def _stored_nonzero(name: str, use: _Use, inits: dict, constants: dict) -> tuple
     stored = numpy_helper.to_array(init)
     if init.data_type in _float_types():
         return stored != 0, shape, dtype, None
-    values = stored.astype(np.int32)
+    # Compared with their zero points exactly: integers as int32, 8-bit floats as float32.
+    values = stored.astype(np.float32 if init.data_type in _float8_types() else np.int32)
     if use.dequantize is not None:  # QDQ: per tensor, per axis (default 1) or per block (opset 21)
         node, fmt, scale_index, point_index = use.dequantize, "QDQ", 1, 2
         axis, block_size = int(_attribute(node, "axis", 1)), int(_attribute(node, "block_size", 0))

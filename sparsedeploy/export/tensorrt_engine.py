@@ -5,23 +5,23 @@ Stages, in order (every one before ``build_engine`` is plain Python and runs wit
 
 1. ``check_compute_capability``: the GPU can run the precision (sm_80+ for 2:4 sparse
    tensor cores, sm_89+ for FP8).
-2. The shared exporter writes an FP32 graph (``onnx_decoder.export_decoder``);
-   ``quantize_for_tensorrt`` adds Q/DQ nodes for INT8 / FP8 (explicit quantization,
-   the form TensorRT 10 recommends over calibrators).
+2. The shared exporter writes a float16 graph (``onnx_decoder.export_decoder`` with
+   ``dtype=torch.float16``, verified against the float32 model in ONNX Runtime); for INT8
+   / FP8, ``explicit_quantization`` adds Q/DQ pairs from ranges measured in PyTorch.
 3. ``check_sparse_orientation``: every pruned weight holds its 2:4 groups along the
-   GEMM's K (input) axis, the axis TensorRT's sparse tactics need, measured in the graph.
+   GEMM's K (input) axis, the axis TensorRT's sparse tactics need, measured in the graph
+   TensorRT compiles (float16, int8 or float8 weights).
 4. ``quality_profile`` / ``latency_profiles``: optimization profile shapes from the workload.
-5. ``build_engine`` (needs tensorrt and a GPU): parse, flags, profiles, timing cache,
-   DETAILED profiling verbosity, serialize.
+5. ``build_engine`` (needs tensorrt and a GPU): parse into a strongly typed network,
+   SPARSE_WEIGHTS, profiles, timing cache, DETAILED profiling verbosity, serialize.
 6. ``parse_engine_information`` / ``kernel_evidence``: the engine inspector's JSON as
    per-layer records and the "sparse kernels used?" answer, only from what it says.
 
-Why FP32 ONNX with the FP16 flag rather than an FP16 ONNX: the exporter's graph is the
-one already verified against PyTorch, zeros are counted in that same file, and
-TensorRT converts the weights to FP16 itself while keeping layers FP16 would overflow
-(the attention mask's -3.4e38 fill, RMSNorm's mean of squares) in FP32; an FP16 graph
-would turn that mask constant into -inf and need its own verification. (TensorRT 11
-drops this "weakly typed" mode; the FP16 graph is the path there.)
+Why strongly typed (precision in the graph, no FP16 / INT8 / FP8 builder flags):
+TensorRT 11 removed those flags (10.12 deprecated them), so a "weakly typed" FP32 graph
+with the FP16 flag does not build there at all. A float16 graph traced from PyTorch's own
+half-precision model keeps PyTorch's float32 islands (norms, rotary tables, softmax), so
+the engine computes what PyTorch in float16 computes, on TensorRT 10 and 11 alike.
 """
 
 from __future__ import annotations
@@ -42,14 +42,9 @@ ONNX_DIR = "onnx"  # the graphs the engines were built from (portable: rebuild o
 PRECISIONS = ("fp16", "int8", "fp8")
 MIN_SPARSE_CAPABILITY = (8, 0)  # Ampere: first 2:4 sparse tensor cores
 FP8_CAPABILITY = (8, 9)  # Ada and Hopper have FP8 tensor cores; TensorRT builds FP8 there
-FP8_OPSET = 19  # float8 QuantizeLinear / DequantizeLinear need opset 19
-# Builder flags per precision. FP16 stays on under INT8 / FP8 so that the layers left
-# unquantized (LM head, norms, attention) run in half precision, not FP32.
-BUILDER_FLAGS = {
-    "fp16": ("SPARSE_WEIGHTS", "FP16"),
-    "int8": ("SPARSE_WEIGHTS", "FP16", "INT8"),
-    "fp8": ("SPARSE_WEIGHTS", "FP16", "FP8"),
-}
+DEFAULT_OPSET = 17  # float16 graphs; Q/DQ graphs need explicit_quantization.QDQ_OPSET
+# The only builder flag: precision lives in the (strongly typed) graph.
+BUILDER_FLAGS = ("SPARSE_WEIGHTS",)
 # Below this share of zeros a weight is simply dense (a 2:4 weight has at least 50%).
 DENSE_BELOW = 0.5
 
@@ -70,75 +65,27 @@ def check_compute_capability(precision: str, capability: tuple[int, int], device
 
 
 def builder_flags(precision: str) -> tuple[str, ...]:
-    """Names of the ``tensorrt.BuilderFlag`` members a precision sets."""
-    if precision not in BUILDER_FLAGS:
+    """Names of the ``tensorrt.BuilderFlag`` members a build sets (the same for every
+    precision: the graph carries it)."""
+    if precision not in PRECISIONS:
         raise BadInput(f"the tensorrt target builds {', '.join(PRECISIONS)}, not {precision}; pick one of those in the profile")
-    return BUILDER_FLAGS[precision]
+    return BUILDER_FLAGS
 
 
-# -- 2. explicit quantization (Q/DQ) for INT8 and FP8 ----------------------------------
+def graph_opset(precision: str, asked: int | None) -> int:
+    """The ONNX opset to export at: the profile's, or the default; Q/DQ with float16
+    scales (INT8 / FP8) needs opset 19."""
+    from sparsedeploy.export.explicit_quantization import QDQ_OPSET
+
+    needed = QDQ_OPSET if precision in ("int8", "fp8") else None
+    if asked is None:
+        return needed or DEFAULT_OPSET
+    if needed and int(asked) < needed:
+        raise BadInput(f"{precision} needs ONNX opset {needed} or newer (float16 Q/DQ), the profile sets {asked}; raise opset in [build]")
+    return int(asked)
 
 
-def quantize_for_tensorrt(src: Path, dst_dir: Path, precision: str, feeds: list[dict]) -> dict:
-    """``dst_dir/model.onnx``: ``src`` with Q/DQ pairs on the linear layers, in the form
-    TensorRT's explicit quantization takes: signed, symmetric (zero point 0) activations
-    and weights, per-tensor activation scales calibrated on ``feeds`` (MinMax), per-channel
-    weight scales. Symmetric weights keep pruned zeros exact. The LM head stays float
-    (dense anyway, and the logits' precision is what quality is judged on); for INT8 the
-    MLP down projections too (their outlier activations, see onnx_quantize.FLOAT_LAYERS),
-    while FP8's exponent holds them."""
-    import shutil
-    import tempfile
-
-    import onnx
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    from sparsedeploy.export.onnx_quantize import lm_head_nodes, mlp_down_nodes
-
-    if precision not in ("int8", "fp8"):
-        raise BadInput(f"Q/DQ quantization is for int8 or fp8, not {precision}")
-    if not feeds:
-        raise BadInput("INT8 / FP8 need calibration text; set calib in the tensorrt profile's [build] table")
-    kind = QuantType.QInt8 if precision == "int8" else QuantType.QFLOAT8E4M3FN
-    proto = onnx.load(str(src), load_external_data=False)
-    exclude = lm_head_nodes(proto) + (mlp_down_nodes(proto) if precision == "int8" else [])
-    # Attention's activation x activation MatMuls stay float: TensorRT's fused attention
-    # takes them, and the QDQ quantizer would otherwise calibrate them too.
-    initializers = {init.name for init in proto.graph.initializer}
-    products = [node.name for node in proto.graph.node if node.op_type == "MatMul" and node.input[1] not in initializers]
-    del proto
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.items = iter(feeds)
-
-        def get_next(self):
-            return next(self.items, None)
-
-    dst_dir.mkdir(parents=True, exist_ok=True)
-    settings = {
-        "quant_format": QuantFormat.QDQ, "op_types_to_quantize": ["MatMul"], "per_channel": True, "reduce_range": False,
-        "activation_type": kind, "weight_type": kind,
-        # ORT calibrates float8 ranges only from activation histograms ("Distribution").
-        "calibrate_method": CalibrationMethod.MinMax if precision == "int8" else CalibrationMethod.Distribution,
-        "nodes_to_exclude": exclude + products,
-        "extra_options": {"ActivationSymmetric": True, "WeightSymmetric": True, "MatMulConstBOnly": True},
-    }
-    with tempfile.TemporaryDirectory(prefix=".qdq-", dir=dst_dir) as scratch:
-        # The quantizer writes shape-inferred copies beside its input: give it a private one.
-        copy = Path(scratch) / src.name
-        for path in src.parent.iterdir():
-            if path.is_file() and path.name.startswith(src.name):
-                shutil.copy(path, Path(scratch) / path.name)
-        started = time.perf_counter()
-        quantize_static(str(copy), str(dst_dir / src.name), Reader(), use_external_data_format=True, **settings)
-    return {
-        "quantizer": "onnxruntime quantize_static (QDQ, symmetric)",
-        "precision": precision,
-        "activation_type": kind.name, "weight_type": kind.name, "per_channel": True,
-        "float_nodes": len(exclude), "activation_matmuls_float": len(products),
-        "calibration_samples": len(feeds), "seconds": round(time.perf_counter() - started, 1),
-    }
+# -- 2. the graphs: float16 export, Q/DQ for INT8 and FP8 --------------------------
 
 
 @dataclass
@@ -157,66 +104,56 @@ class PreparedGraphs:
 
 
 def prepare_graphs(model, directory: Path, precision: str, opset: int, calibration=None) -> PreparedGraphs:
-    """Everything before TensorRT: export (FP32; Q/DQ added for int8 / fp8 from
-    ``calibration()`` windows), the 2:4 orientation check on the graph to be compiled,
-    and the last-position graph for timing. ``directory`` must not exist yet."""
+    """Everything before TensorRT: the float16 export (Q/DQ added for int8 / fp8 from
+    ranges measured on ``calibration()`` windows), the 2:4 orientation check on the graph
+    to be compiled, and the last-position graph for timing. ``directory`` must not exist yet."""
     import tempfile
 
+    import torch
+
+    from sparsedeploy.export.explicit_quantization import activation_ranges, quantize_graph
     from sparsedeploy.export.last_position import LAST_GRAPH, write_last_position_graph
     from sparsedeploy.export.onnx_decoder import MODEL_FILE, export_decoder, initializer_sparsity
+    from sparsedeploy.kernels.semi_structured import named_linears
 
     builder_flags(precision)  # an unknown precision is BadInput before anything is exported
     directory = Path(directory)
     quantization = None
     if precision == "fp16":
-        exported = export_decoder(model, directory, opset=opset)
+        exported = export_decoder(model, directory, opset=opset, dtype=torch.float16)
         sparsity = exported.sparsity
     else:
-        from sparsedeploy.export.onnx_quantize import calibration_feeds_from_windows
-
         if calibration is None:
             raise BadInput(f"{precision} needs calibration text; set calib in the tensorrt profile's [build] table")
+        windows = calibration()
+        started = time.perf_counter()
+        ranges = activation_ranges(model, windows, named_linears(model))
         directory.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".export-", dir=directory.parent) as scratch:
-            exported = export_decoder(model, Path(scratch) / "fp32", opset=opset)
-            feeds = calibration_feeds_from_windows(calibration(), exported.path)
-            quantization = quantize_for_tensorrt(exported.path, directory, precision, feeds)
-            if precision == "fp8":
-                # initializer_sparsity does not read float8 weights: measure the FP32 graph,
-                # then check that every one of its zeros is still zero in the FP8 graph.
-                sparsity = exported.sparsity
-                records = sparse_orientation(exported.path, sparsity)
-                names = [entry["name"] for entry in sparsity["linear_weights"]]
-                quantization["zeros_kept_in"] = check_zeros_kept(exported.path, directory / MODEL_FILE, names)
-        if precision == "int8":
-            sparsity = initializer_sparsity(directory / MODEL_FILE)
+            exported = export_decoder(model, Path(scratch) / "fp16", opset=opset, dtype=torch.float16)
+            quantization = quantize_graph(exported.path, directory / MODEL_FILE, precision, ranges,
+                                          keep_float=_float_nodes(exported.path, precision))
+        quantization.update(calibration_samples=int(windows.shape[0]), seconds=round(time.perf_counter() - started, 1))
+        sparsity = initializer_sparsity(directory / MODEL_FILE)
     full = directory / MODEL_FILE
-    if precision != "fp8":
-        records = sparse_orientation(full, sparsity)
-    orientation = check_sparse_orientation(records, full.name)
+    orientation = check_sparse_orientation(sparse_orientation(full, sparsity), full.name)
     last_graph = write_last_position_graph(full, directory / LAST_GRAPH)
-    export = {"exporter": "torch.onnx (TorchScript)", "opset": exported.opset, "seconds": round(exported.seconds, 1),
-              "max_abs_diff_vs_torch": exported.max_abs_diff, "num_layers": exported.num_layers,
-              "kv_heads": exported.kv_heads, "head_dim": exported.head_dim}
+    export = {"exporter": "torch.onnx (TorchScript)", "dtype": exported.dtype, "opset": exported.opset,
+              "seconds": round(exported.seconds, 1), "max_abs_diff_vs_torch_fp32": exported.max_abs_diff,
+              "num_layers": exported.num_layers, "kv_heads": exported.kv_heads, "head_dim": exported.head_dim}
     return PreparedGraphs(directory, full, directory / LAST_GRAPH, sparsity, orientation, export, quantization, last_graph)
 
 
-def check_zeros_kept(float_graph: Path, quantized_graph: Path, names: list[str]) -> int:
-    """Every zero of each named linear weight of ``float_graph`` is still zero in its
-    quantized copy (``<name>_quantized``, ONNX Runtime's name) in ``quantized_graph``;
-    BadInput if not. Returns how many weights were compared."""
-    floats = _initializer_arrays(float_graph, names)
-    quantized = _initializer_arrays(quantized_graph, [f"{name}_quantized" for name in names])
-    compared = 0
-    for name in names:
-        copy = quantized.get(f"{name}_quantized")
-        if copy is None:  # left float (an excluded node): nothing to lose
-            continue
-        if np.any((floats[name] == 0) & (copy.astype(np.float32) != 0)):
-            raise BadInput(f"quantizing {name} turned pruned zeros into non-zeros; quantize weights symmetrically "
-                           "(zero point 0), as quantize_for_tensorrt does")
-        compared += 1
-    return compared
+def _float_nodes(graph: Path, precision: str) -> set[str]:
+    """Linear nodes left float16: the LM head (dense anyway, and the logits' precision is
+    what quality is judged on); for INT8 the MLP down projections too (their outlier
+    activations, see onnx_quantize.FLOAT_LAYERS), while FP8's exponent holds them."""
+    import onnx
+
+    from sparsedeploy.export.onnx_quantize import lm_head_nodes, mlp_down_nodes
+
+    proto = onnx.load(str(graph), load_external_data=False)
+    return set(lm_head_nodes(proto)) | (set(mlp_down_nodes(proto)) if precision == "int8" else set())
 
 
 # -- 3. 2:4 orientation ---------------------------------------------------------------
@@ -386,15 +323,16 @@ class EngineBuild:
 
 
 def build_engine(onnx_path: Path, plan_path: Path, precision: str, profiles: list[Profile], cache_path: Path) -> EngineBuild:
-    """Parse ``onnx_path`` (external data beside it), build with 2:4 sparse weights at
-    ``precision`` and one optimization profile per entry of ``profiles``, write the plan.
-    Needs tensorrt (10.x) and a GPU."""
+    """Parse ``onnx_path`` (external data beside it) into a strongly typed network (the
+    graph's float16 / Q/DQ types are the engine's), build with 2:4 sparse weights and one
+    optimization profile per entry of ``profiles``, write the plan. Needs tensorrt
+    (10.x or 11.x) and a GPU."""
     import tensorrt as trt
     from filelock import FileLock
 
     logger = recording_logger(trt)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+    network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -425,6 +363,17 @@ def build_engine(onnx_path: Path, plan_path: Path, precision: str, profiles: lis
         staged.replace(cache_path)  # a crash mid-write never leaves a torn cache
     plan_path.write_bytes(memoryview(plan))
     return EngineBuild(plan_path, seconds, flags, [p.to_dict() for p in profiles], parse_sparsity_log(logger.messages), str(cache_path))
+
+
+def network_flags(trt) -> int:
+    """``create_network``'s flags: STRONGLY_TYPED (needed on TensorRT 10, where networks
+    are weakly typed by default and a float16 graph without the FP16 flag may run in
+    float32; 11 keeps the flag and ignores it, every network being strongly typed)."""
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if flag is None:
+        raise TargetUnavailable("this tensorrt has no NetworkDefinitionCreationFlag.STRONGLY_TYPED (older than 9.1); "
+                                "`pip install -U tensorrt` (10 or newer)")
+    return 1 << int(flag)
 
 
 def recording_logger(trt):

@@ -128,6 +128,14 @@ def test_builder_flags_are_only_sparse_weights_the_graph_carries_precision():
         stages.builder_flags("int4")
 
 
+def test_smoothquant_alpha_from_the_profile():
+    assert stages.smoothquant_alpha(None) == 0.5 and stages.smoothquant_alpha(0.8) == 0.8 and stages.smoothquant_alpha(1) == 1.0
+    assert stages.smoothquant_alpha(False) is None
+    for wrong in (True, 1.5, "0.5"):
+        with pytest.raises(BadInput, match="smoothquant_alpha"):
+            stages.smoothquant_alpha(wrong)
+
+
 def test_graph_opset_per_precision():
     assert stages.graph_opset("fp16", None) == 17 and stages.graph_opset("fp16", 18) == 18
     assert stages.graph_opset("int8", None) == stages.graph_opset("fp8", None) == 19
@@ -164,6 +172,9 @@ def test_build_settings_on_a_machine_without_gpu_and_fp8_opset():
     with pytest.raises(BadInput, match="opset"):
         TensorRTBackend().build_settings("fp8", WORKLOAD, {"opset": 17})
     assert TensorRTBackend().build_settings("fp16", WORKLOAD, {})["opset"] == 17
+    assert TensorRTBackend().build_settings("int8", WORKLOAD, {})["smoothquant_alpha"] == 0.5
+    assert TensorRTBackend().build_settings("int8", WORKLOAD, {"smoothquant_alpha": False})["smoothquant_alpha"] is None
+    assert "smoothquant_alpha" not in settings
 
 
 # -- optimization profiles ----------------------------------------------------------
@@ -323,6 +334,8 @@ def test_quantized_graph_is_symmetric_qdq_that_keeps_2of4_and_tracks_torch(graph
     quantized = [w for w in prepared.sparsity["linear_weights"] if w["name"].endswith("_quantized")]
     assert len(quantized) == quantized_linears and all(w["compliance"]["2:4"] == 1.0 for w in quantized)
     assert prepared.quantization["calibration_samples"] == 2
+    smoothing = prepared.quantization["smoothing"]  # int8: SmoothQuant first; fp8 is not smoothed
+    assert (smoothing["groups_smoothed"], smoothing["alpha"]) == (4, 0.5) if precision == "int8" else smoothing is None
 
     window = calibration()[:1]
     logits = run_graph(prepared.full, window)

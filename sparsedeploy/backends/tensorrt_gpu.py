@@ -81,6 +81,8 @@ class TensorRTBackend(Backend):
                 "data": options.get("calib", "canterbury"), "nsamples": int(options.get("calib_nsamples", 16)),
                 "seqlen": int(options.get("calib_seqlen", 256)), "seed": int(options.get("calib_seed", 0)),
             }
+        if precision == "int8":
+            settings["smoothquant_alpha"] = trt_stages.smoothquant_alpha(options.get("smoothquant_alpha"))
         return settings
 
     def build(self, inputs: BuildInputs, output_dir: Path) -> BuiltArtifact:
@@ -89,7 +91,7 @@ class TensorRTBackend(Backend):
         settings = self.build_settings(inputs.precision, inputs.workload, inputs.options)
         device = settings["device"] or {"name": "unknown", "capability": (0, 0)}
         prepared = trt_stages.prepare_graphs(inputs.model, output_dir / trt_stages.ONNX_DIR, inputs.precision,
-                                             settings["opset"], inputs.calibration)
+                                             settings["opset"], inputs.calibration, settings.get("smoothquant_alpha"))
         geometry = (prepared.export["num_layers"], prepared.export["kv_heads"], prepared.export["head_dim"])
         cache = trt_stages.timing_cache_path(tensorrt.__version__, device["name"], tuple(device["capability"]))
         quality = trt_stages.build_engine(prepared.full, output_dir / trt_stages.QUALITY_PLAN, inputs.precision,

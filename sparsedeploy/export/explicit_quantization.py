@@ -17,8 +17,11 @@ symmetric (zero point 0, so pruned zeros stay exactly zero and 2:4 stays 2:4), o
 activation scale per tensor (max |x| over the calibration windows, "max" calibration),
 one weight scale per output channel; scales are float16 like the graph (opset 19).
 Layers that read the same activation (q, k and v) share one Q/DQ pair, the form TensorRT
-fuses best. The math is in pure functions (``symmetric_scales``, ``quantize_weight``)
-tested on small arrays.
+fuses best. For INT8, ``smoothed_copy`` first applies SmoothQuant: one scale per
+activation tensor cannot serve the few outlier channels LLM activations have, so their
+range is moved into the weights (per-channel scales absorb it) by factors folded into the
+norm that writes the activation. The math is in pure functions (``symmetric_scales``,
+``quantize_weight``, ``smoothing_scales``) tested on small tensors.
 """
 
 from __future__ import annotations

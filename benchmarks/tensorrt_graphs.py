@@ -62,6 +62,7 @@ def measure(model_name: str, precisions: list[str], windows: int, seqlen: int) -
     from sparsedeploy.data.sources import load_text
     from sparsedeploy.data.windows import evaluation_windows, tokenize
     from sparsedeploy.export import tensorrt_engine as stages
+    from sparsedeploy.export.smoothing import smoothquant_alpha
     from sparsedeploy.models.checkpoint import load_model, load_tokenizer, resolve_checkpoint
     from sparsedeploy.targets import parse_profile
 
@@ -79,7 +80,8 @@ def measure(model_name: str, precisions: list[str], windows: int, seqlen: int) -
         with tempfile.TemporaryDirectory() as scratch:
             started = time.perf_counter()
             prepared = stages.prepare_graphs(model, Path(scratch) / precision, precision,
-                                             stages.graph_opset(precision, None), calibration)
+                                             stages.graph_opset(precision, None), calibration,
+                                             smoothquant_alpha(profile.raw.get("build", {}).get("smoothquant_alpha")))
             prepare_seconds = time.perf_counter() - started
             result = evaluate(ort_logits_fn(prepared.full), eval_windows, reference, f"{model_name} {precision}")
         rows[precision] = {

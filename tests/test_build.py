@@ -144,7 +144,10 @@ def test_quantized_builds_keep_the_zeros_and_track_the_reference(workspace, targ
     report = run_cli_json("build", "--target", target, "--model", str(workspace["pruned"]), "--quant", quant,
                           "-o", str(bundle), env=workspace["env"])
     assert report["precision"] == quant
-    assert report["artifact"]["details"]["quantization"]["scheme"] == scheme
+    quantization = report["artifact"]["details"]["quantization"]
+    assert quantization["scheme"] == scheme
+    if quant == "int8":  # per-tensor activations: SmoothQuant first (the two norms of each layer)
+        assert quantization["smoothing"]["alpha"] == 0.5 and quantization["smoothing"]["groups_smoothed"] == 4
     # Symmetric weight quantization maps 0.0 to the zero point: the pattern survives.
     assert report["artifact"]["nm_compliance"]["2:4"] == 1.0
     assert 0.5 <= report["artifact"]["sparsity"] < 0.52

@@ -20,6 +20,7 @@ from sparsedeploy.backends.base import Workload
 from sparsedeploy.errors import BadInput, TargetUnavailable
 from sparsedeploy.export import tensorrt_engine as stages
 from sparsedeploy.export.onnx_decoder import input_names
+from sparsedeploy.export.smoothing import smoothquant_alpha
 from sparsedeploy.prune.masks import nm_mask
 from sparsedeploy.prune.patterns import nm_compliance, parse_nm
 
@@ -50,7 +51,8 @@ def graphs(tmp_path_factory):
     root = tmp_path_factory.mktemp("trt")
     model = prune_2of4(make_tiny_model("llama"))
     prepared = {
-        precision: stages.prepare_graphs(model, root / precision, precision, stages.graph_opset(precision, None), calibration)
+        precision: stages.prepare_graphs(model, root / precision, precision, stages.graph_opset(precision, None), calibration,
+                                          smoothquant_alpha(None))
         for precision in stages.PRECISIONS
     }
     return {"root": root, "model": model, **prepared}
@@ -126,14 +128,6 @@ def test_builder_flags_are_only_sparse_weights_the_graph_carries_precision():
         assert stages.builder_flags(precision) == ("SPARSE_WEIGHTS",)
     with pytest.raises(BadInput):
         stages.builder_flags("int4")
-
-
-def test_smoothquant_alpha_from_the_profile():
-    assert stages.smoothquant_alpha(None) == 0.5 and stages.smoothquant_alpha(0.8) == 0.8 and stages.smoothquant_alpha(1) == 1.0
-    assert stages.smoothquant_alpha(False) is None
-    for wrong in (True, 1.5, "0.5"):
-        with pytest.raises(BadInput, match="smoothquant_alpha"):
-            stages.smoothquant_alpha(wrong)
 
 
 def test_graph_opset_per_precision():

@@ -28,6 +28,7 @@ from sparsedeploy.backends.base import (
 from sparsedeploy.errors import BadInput
 from sparsedeploy.export.last_position import LAST_GRAPH, write_last_position_graph
 from sparsedeploy.export.onnx_decoder import past_dtype
+from sparsedeploy.export.smoothing import smoothed_copy, smoothquant_alpha
 
 # Which ONNX Runtime quantizer each precision uses unless the profile's [build] table
 # names another (`int8_scheme = "int8-static-qdq"`).
@@ -65,7 +66,9 @@ class OnnxRuntimeBackend(Backend):
             if scheme not in INT8_SCHEMES:
                 raise BadInput(f"int8_scheme '{scheme}' in the target profile is unknown; use one of {', '.join(INT8_SCHEMES)}")
             settings["scheme"] = scheme
-            if scheme == "int8-static-qdq":
+            # Every int8 scheme scales activations per tensor: SmoothQuant first.
+            settings["smoothquant_alpha"] = smoothquant_alpha(options.get("smoothquant_alpha"))
+            if scheme == "int8-static-qdq" or settings["smoothquant_alpha"] is not None:
                 settings["calibration"] = _calibration_settings(options)
         elif precision == "int4":
             settings["scheme"] = DEFAULT_SCHEMES["int4"]
@@ -84,9 +87,15 @@ class OnnxRuntimeBackend(Backend):
             return BuiltArtifact(output_dir, MODEL_FILE, "fp32", exported.sparsity, details)
 
         from sparsedeploy.export.onnx_quantize import calibration_feeds_from_windows, quantize_onnx
+        from sparsedeploy.kernels.semi_structured import named_linears
 
+        model, smoothing = inputs.model, None
+        if settings.get("smoothquant_alpha") is not None:
+            if inputs.calibration is None:
+                raise BadInput("SmoothQuant needs calibration text; set calib in the profile's [build] table, or smoothquant_alpha = false")
+            model, smoothing = smoothed_copy(model, inputs.calibration(), named_linears(model), settings["smoothquant_alpha"])
         with tempfile.TemporaryDirectory(prefix=".export-", dir=output_dir.parent) as scratch:
-            exported = export_decoder(inputs.model, Path(scratch) / "fp32", opset=settings["opset"])
+            exported = export_decoder(model, Path(scratch) / "fp32", opset=settings["opset"])
             feeds = None
             if settings["scheme"] == "int8-static-qdq":
                 if inputs.calibration is None:
@@ -97,6 +106,8 @@ class OnnxRuntimeBackend(Backend):
                 block_size=settings.get("block_size", DEFAULT_INT4_BLOCK),
             )
         quantization = {key: value for key, value in quantized.describe().items() if key != "sparsity"}
+        if smoothing is not None:
+            quantization["smoothing"] = smoothing
         details = {"export": _export_details(exported), "quantization": quantization, **_last_graph(output_dir)}
         return BuiltArtifact(output_dir, MODEL_FILE, inputs.precision, quantized.sparsity, details)
 

@@ -82,7 +82,9 @@ class TensorRTBackend(Backend):
                 "seqlen": int(options.get("calib_seqlen", 256)), "seed": int(options.get("calib_seed", 0)),
             }
         if precision == "int8":
-            settings["smoothquant_alpha"] = trt_stages.smoothquant_alpha(options.get("smoothquant_alpha"))
+            from sparsedeploy.export.smoothing import smoothquant_alpha
+
+            settings["smoothquant_alpha"] = smoothquant_alpha(options.get("smoothquant_alpha"))
         return settings
 
     def build(self, inputs: BuildInputs, output_dir: Path) -> BuiltArtifact:
@@ -135,11 +137,17 @@ class _Engine:
         self.profiles = profiles
         self.contexts = []
         for index in range(len(profiles)):
-            context = self.engine.create_execution_context()
+            # Memory for the selected profile only: the default (STATIC) reserves the largest
+            # profile's activations in every context, so decode would hold prefill's too.
+            context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.ON_PROFILE_CHANGE)
             context.set_optimization_profile_async(index, stream.cuda_stream)
             self.contexts.append(context)
         stream.synchronize()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        on_host = [n for n in names if self.engine.get_tensor_location(n) != trt.TensorLocation.DEVICE]
+        if on_host:  # every buffer we bind is a CUDA tensor
+            raise BadInput(f"TensorRT placed {', '.join(on_host)} of {path.name} on the host (shape tensors), which this "
+                           "backend cannot feed yet (it binds GPU buffers only); use --target cuda for this model")
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.dtypes = {n: _torch_dtype(self.engine.get_tensor_dtype(n)) for n in names}
@@ -152,21 +160,29 @@ class _Engine:
         keep = []  # buffers referenced by the engine until the stream passes them
         for name in self.inputs:
             tensor = feeds[name].to(self.dtypes[name]).contiguous()
-            context.set_input_shape(name, tuple(tensor.shape))
+            if not context.set_input_shape(name, tuple(tensor.shape)):  # False, not an exception
+                raise RuntimeError(f"TensorRT refused shape {tuple(tensor.shape)} for {name}; see the TensorRT messages above")
             if tensor.numel() == 0:  # empty tensors still need a distinct non-null address
                 tensor = torch.empty(1, dtype=tensor.dtype, device=tensor.device)
             keep.append(tensor)
-            context.set_tensor_address(name, tensor.data_ptr())
+            _bind(context, name, tensor)
         outputs = {}
         for name in self.outputs:
             shape = tuple(context.get_tensor_shape(name))
+            if any(size < 0 for size in shape):
+                raise RuntimeError(f"TensorRT left the shape of {name} unresolved ({shape}); see the TensorRT messages above")
             outputs[name] = torch.empty(shape, dtype=self.dtypes[name], device="cuda")
             buffer = outputs[name] if outputs[name].numel() else torch.empty(1, dtype=self.dtypes[name], device="cuda")
             keep.append(buffer)
-            context.set_tensor_address(name, buffer.data_ptr())
+            _bind(context, name, buffer)
         if not context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError("TensorRT execute_async_v3 failed; see the TensorRT messages above")
         return outputs
+
+
+def _bind(context, name: str, tensor) -> None:
+    if not context.set_tensor_address(name, tensor.data_ptr()):
+        raise RuntimeError(f"TensorRT refused the buffer for {name}; see the TensorRT messages above")
 
 
 def _torch_dtype(data_type):

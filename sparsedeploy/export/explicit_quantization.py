@@ -17,11 +17,10 @@ symmetric (zero point 0, so pruned zeros stay exactly zero and 2:4 stays 2:4), o
 activation scale per tensor (max |x| over the calibration windows, "max" calibration),
 one weight scale per output channel; scales are float16 like the graph (opset 19).
 Layers that read the same activation (q, k and v) share one Q/DQ pair, the form TensorRT
-fuses best. For INT8, ``smoothed_copy`` first applies SmoothQuant: one scale per
-activation tensor cannot serve the few outlier channels LLM activations have, so their
-range is moved into the weights (per-channel scales absorb it) by factors folded into the
-norm that writes the activation. The math is in pure functions (``symmetric_scales``,
-``quantize_weight``, ``smoothing_scales``) tested on small tensors.
+fuses best. For INT8 the caller first applies SmoothQuant (``smoothing.smoothed_copy``):
+one scale per activation tensor cannot serve the few outlier channels LLM activations
+have. The math is in pure functions (``symmetric_scales``, ``quantize_weight``) tested on
+small tensors.
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ import torch
 from torch import nn
 
 from sparsedeploy.errors import BadInput
+from sparsedeploy.export.smoothing import channel_ranges
 
 QDQ_OPSET = 19  # float16 scales in Q/DQ, and float8 types, need opset 19
 
@@ -86,157 +86,9 @@ def quantize_weight(weight: np.ndarray, precision: str) -> tuple[np.ndarray, np.
 # -- calibration --------------------------------------------------------------------
 
 
-def channel_ranges(model: nn.Module, windows: torch.Tensor, linears: list[tuple[str, nn.Linear]]) -> dict[str, torch.Tensor]:
-    """Max |input| per input channel of each named linear over the calibration
-    ``windows`` [n, seqlen], run one window at a time through ``model`` (float32 is fine:
-    ranges are a property of the checkpoint, not of the precision that will run it)."""
-    ranges: dict[str, torch.Tensor] = {}
-    hooks = []
-
-    def recorder(name: str):
-        def hook(_module, args):
-            seen = args[0].detach().abs().flatten(0, -2).amax(dim=0).float().cpu()
-            ranges[name] = seen if name not in ranges else torch.maximum(ranges[name], seen)
-        return hook
-
-    for name, linear in linears:
-        hooks.append(linear.register_forward_pre_hook(recorder(name)))
-    try:
-        with torch.no_grad():
-            for window in windows:
-                model(input_ids=window[None].to(next(model.parameters()).device), use_cache=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return ranges
-
-
 def activation_ranges(model: nn.Module, windows: torch.Tensor, linears: list[tuple[str, nn.Linear]]) -> dict[str, float]:
     """Max |input| of each named linear over the calibration ``windows`` (per tensor)."""
     return {name: float(values.max()) for name, values in channel_ranges(model, windows, linears).items()}
-
-
-# -- smoothing (SmoothQuant) --------------------------------------------------------
-
-
-def smoothing_scales(activation_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
-    """SmoothQuant's per-input-channel factors ``s = a^alpha / w^(1 - alpha)``. Dividing
-    the activation by ``s`` and multiplying the weights' input channel by ``s`` leaves the
-    product unchanged and moves the activation's outlier channels (which one per-tensor
-    scale cannot serve) into the weights (whose per-channel scales can). A channel where
-    either maximum is zero keeps 1."""
-    if not 0.0 <= alpha <= 1.0:
-        raise BadInput(f"smoothquant_alpha must lie in [0, 1], not {alpha}; 0.5 is SmoothQuant's default")
-    activation, weight = activation_absmax.float(), weight_absmax.float()
-    scales = activation.pow(alpha) / weight.pow(1.0 - alpha)
-    usable = (activation > 0) & (weight > 0) & torch.isfinite(scales)
-    return torch.where(usable, scales.clamp(min=1e-5), torch.ones_like(scales))
-
-
-@dataclass
-class SmoothingGroup:
-    """Linears that read one tensor, and the module that wrote it (a norm, when foldable)."""
-
-    producer: str | None
-    linears: list[str]
-
-
-def smoothing_groups(model: nn.Module, window: torch.Tensor, linears: list[tuple[str, nn.Linear]]) -> list[SmoothingGroup]:
-    """Group the linears by the tensor they read, found by running one ``window``: q, k
-    and v read the attention norm's output, gate and up the MLP norm's. ``producer`` is the
-    innermost module whose output that tensor is (None: an expression, e.g. the product
-    the MLP's down projection reads). Found from the model, not from module names."""
-    linear_names = {id(module): name for name, module in linears}
-    writers: dict[int, str] = {}  # tensor id -> module that returned it (innermost first)
-    readers: dict[int, list[str]] = {}
-    alive = []  # keeps every seen tensor alive, so no id is reused within the pass
-    hooks = []
-
-    def wrote(name: str):
-        def hook(_module, _args, output):
-            if isinstance(output, torch.Tensor):
-                alive.append(output)
-                writers.setdefault(id(output), name)
-        return hook
-
-    def read(name: str):
-        def hook(_module, args):
-            alive.append(args[0])
-            readers.setdefault(id(args[0]), []).append(name)
-        return hook
-
-    for name, module in model.named_modules():
-        if id(module) in linear_names:
-            hooks.append(module.register_forward_pre_hook(read(name)))
-        elif name:
-            hooks.append(module.register_forward_hook(wrote(name)))
-    try:
-        with torch.no_grad():
-            model(input_ids=window[None].to(next(model.parameters()).device), use_cache=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return [SmoothingGroup(writers.get(tensor), names) for tensor, names in readers.items()]
-
-
-def _fold_into_norm(norm: nn.Module, scales: torch.Tensor) -> bool:
-    """Divide ``norm``'s output by ``scales`` through its own parameters, if they scale
-    its output: as ``weight`` (Llama, Qwen, OPT's LayerNorm with its bias) or as
-    ``1 + weight`` (Gemma). Each form is checked on a probe input and undone when it
-    does not hold (activations, norms without an affine weight)."""
-    weight = getattr(norm, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.shape != scales.shape:
-        return False
-    bias = getattr(norm, "bias", None)
-    bias = bias if isinstance(bias, torch.Tensor) else None
-    factors = scales.to(weight)
-    probe = torch.randn(2, 3, scales.numel(), generator=torch.Generator().manual_seed(0)).to(weight)
-    with torch.no_grad():
-        expected = norm(probe) / factors
-        saved_weight, saved_bias = weight.detach().clone(), None if bias is None else bias.detach().clone()
-        for offset in (0.0, 1.0):  # output = x * weight, or x * (1 + weight)
-            weight.copy_((saved_weight + offset) / factors - offset)
-            if bias is not None:
-                bias.copy_(saved_bias / factors)
-            if torch.allclose(norm(probe), expected, rtol=1e-4, atol=1e-5):
-                return True
-        weight.copy_(saved_weight)
-        if bias is not None:
-            bias.copy_(saved_bias)
-    return False
-
-
-def smoothed_copy(model: nn.Module, windows: torch.Tensor, linears: list[tuple[str, nn.Linear]], alpha: float) -> tuple[nn.Module, dict]:
-    """A copy of ``model`` computing the same function with its norm-fed linears'
-    activation outliers folded into their weights (SmoothQuant, ``alpha``), and a record.
-    Zeros stay zeros (columns are scaled), so 2:4 stays 2:4. Only the parameters it
-    changes are copied; the rest are shared with ``model``, which is left as it is."""
-    import copy
-
-    modules = dict(model.named_modules())
-    ranges = channel_ranges(model, windows, linears)
-    groups = [g for g in smoothing_groups(model, windows[0], linears) if g.producer is not None]
-    changed = {id(p) for g in groups for name in [g.producer, *g.linears] for p in modules[name].parameters(recurse=False)}
-    memo = {id(p): (nn.Parameter(p.detach().clone(), requires_grad=False) if id(p) in changed else p) for p in model.parameters()}
-    smoothed = copy.deepcopy(model, memo)
-    copies = dict(smoothed.named_modules())
-    folded, skipped = [], []
-    for group in groups:
-        activation = torch.stack([ranges[name] for name in group.linears]).amax(dim=0)
-        weight = torch.stack([modules[name].weight.detach().abs().amax(dim=0).float().cpu() for name in group.linears]).amax(dim=0)
-        scales = smoothing_scales(activation, weight, alpha)
-        if not _fold_into_norm(copies[group.producer], scales):
-            skipped.append(group.producer)  # an activation function, or a norm of another form
-            continue
-        for name in group.linears:
-            target = copies[name].weight
-            target.data.mul_(scales.to(target)[None, :])
-        folded.append({"norm": group.producer, "linears": len(group.linears),
-                       "largest_factor": round(float(scales.max()), 3), "smallest_factor": round(float(scales.min()), 5)})
-    record = {"method": "SmoothQuant (per-channel factors folded into the preceding norm)", "alpha": alpha,
-              "groups_smoothed": len(folded), "linears_smoothed": sum(g["linears"] for g in folded),
-              "not_foldable": skipped}
-    return smoothed, record
 
 
 # -- the graph ----------------------------------------------------------------------

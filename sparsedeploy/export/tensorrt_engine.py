@@ -43,11 +43,6 @@ PRECISIONS = ("fp16", "int8", "fp8")
 MIN_SPARSE_CAPABILITY = (8, 0)  # Ampere: first 2:4 sparse tensor cores
 FP8_CAPABILITY = (8, 9)  # Ada and Hopper have FP8 tensor cores; TensorRT builds FP8 there
 DEFAULT_OPSET = 17  # float16 graphs; Q/DQ graphs need explicit_quantization.QDQ_OPSET
-# INT8's activations are per tensor (TensorRT's form): SmoothQuant first. On the 2:4
-# default model (WikiText-2, 2 x 256) it took the INT8 graph's KL from 0.22 to 0.027;
-# alpha 0.8 pushed the norms' float16 weights too far for the export to verify. FP8's
-# exponent holds the outliers (its KL rose slightly when smoothed), so it is not smoothed.
-DEFAULT_SMOOTHQUANT_ALPHA = 0.5
 # The only builder flag: precision lives in the (strongly typed) graph.
 BUILDER_FLAGS = ("SPARSE_WEIGHTS",)
 # Below this share of zeros a weight is simply dense (a 2:4 weight has at least 50%).
@@ -90,18 +85,6 @@ def graph_opset(precision: str, asked: int | None) -> int:
     return int(asked)
 
 
-def smoothquant_alpha(option) -> float | None:
-    """The profile's ``smoothquant_alpha`` for INT8: absent -> the default, ``false`` ->
-    None (no smoothing), else a number in [0, 1]."""
-    if option is None:
-        return DEFAULT_SMOOTHQUANT_ALPHA
-    if option is False:
-        return None
-    if isinstance(option, bool) or not isinstance(option, (int, float)) or not 0.0 <= float(option) <= 1.0:
-        raise BadInput(f"smoothquant_alpha in [build] must be a number in [0, 1] or false, not {option!r}; 0.5 is the default")
-    return float(option)
-
-
 # -- 2. the graphs: float16 export, Q/DQ for INT8 and FP8 --------------------------
 
 
@@ -121,16 +104,18 @@ class PreparedGraphs:
 
 
 def prepare_graphs(model, directory: Path, precision: str, opset: int, calibration=None,
-                   smoothquant_alpha: float | None = DEFAULT_SMOOTHQUANT_ALPHA) -> PreparedGraphs:
+                   smoothquant_alpha: float | None = None) -> PreparedGraphs:
     """Everything before TensorRT: the float16 export (Q/DQ added for int8 / fp8 from
     ranges measured on ``calibration()`` windows; for int8, after SmoothQuant with
-    ``smoothquant_alpha`` unless None), the 2:4 orientation check on the graph to be
+    ``smoothquant_alpha`` unless None: INT8 activations are per tensor; FP8's exponent
+    holds the outliers, its KL rose slightly when smoothed, so it is not), the 2:4 orientation check on the graph to be
     compiled, and the last-position graph for timing. ``directory`` must not exist yet."""
     import tempfile
 
     import torch
 
-    from sparsedeploy.export.explicit_quantization import activation_ranges, quantize_graph, smoothed_copy
+    from sparsedeploy.export.explicit_quantization import activation_ranges, quantize_graph
+    from sparsedeploy.export.smoothing import smoothed_copy
     from sparsedeploy.export.last_position import LAST_GRAPH, write_last_position_graph
     from sparsedeploy.export.onnx_decoder import MODEL_FILE, export_decoder, initializer_sparsity
     from sparsedeploy.kernels.semi_structured import named_linears
@@ -170,7 +155,10 @@ def prepare_graphs(model, directory: Path, precision: str, opset: int, calibrati
 def _float_nodes(graph: Path, precision: str) -> set[str]:
     """Linear nodes left float16: the LM head (dense anyway, and the logits' precision is
     what quality is judged on); for INT8 the MLP down projections too (their outlier
-    activations, see onnx_quantize.FLOAT_LAYERS), while FP8's exponent holds them."""
+    activations, see onnx_quantize.FLOAT_LAYERS), while FP8's exponent holds them.
+    Smoothing cannot rescue INT8 there: with SmoothQuant folded through up_proj's output
+    rows (act(gate) * up is linear in up), quantizing down_proj took the dense default
+    model's KL from 0.022 to 0.26 at alpha 0.5, 0.13 at 0.8, 0.24 at 0.95 (WikiText-2)."""
     import onnx
 
     from sparsedeploy.export.onnx_quantize import lm_head_nodes, mlp_down_nodes
@@ -370,12 +358,17 @@ def build_engine(onnx_path: Path, plan_path: Path, precision: str, profiles: lis
         optimization = builder.create_optimization_profile()
         for name, (low, opt, high) in profile.shapes.items():
             optimization.set_shape(name, low, opt, high)
-        config.add_optimization_profile(optimization)
+        if config.add_optimization_profile(optimization) < 0:  # -1, not an exception
+            raise BadInput(f"TensorRT refused the {profile.name} optimisation profile {profile.shapes} "
+                           f"({logger.last_error()}); check the latency workload in the target profile")
 
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(cache_path) + ".lock"):
         timing = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-        config.set_timing_cache(timing, ignore_mismatch=False)
+        if not config.set_timing_cache(timing, ignore_mismatch=False):
+            from sparsedeploy.ui import info
+
+            info(f"      the timing cache {cache_path} was written on another GPU or TensorRT; starting a new one")
         started = time.perf_counter()
         plan = builder.build_serialized_network(network, config)
         seconds = time.perf_counter() - started

@@ -99,6 +99,8 @@ def test_fp32_artifact_layout(dense):
     settings = BACKEND.build_settings("fp32", WORKLOAD, {"calib": "canterbury"})
     assert json.loads(json.dumps(settings)) == settings
     assert BACKEND.build_settings("int8", WORKLOAD, {})["quantizer"] == "int8-static-qoperator"
+    assert BACKEND.build_settings("int8", WORKLOAD, {})["smoothquant_alpha"] == 0.5
+    assert BACKEND.build_settings("int8", WORKLOAD, {"smoothquant_alpha": False})["smoothquant_alpha"] is None
 
 
 def test_logits_match_pytorch(dense, dense_session):
@@ -178,6 +180,7 @@ def test_int8_static_qoperator(sparse, tmp_path):
     model, _ = sparse
     artifact = build(model, tmp_path / "int8", "int8")
     assert artifact.precision == "int8" and artifact.details["quantizer"]["scheme"] == "int8-static-qoperator"
+    assert artifact.details["quantizer"]["smoothing"]["groups_smoothed"] == 4  # per-tensor activations: SmoothQuant first
     # Measured in the quantized graph: pruned zeros stay zero (int8 zero point 0).
     assert artifact.sparsity["sparsity"] >= 0.5 and artifact.sparsity["compliance"]["2:4"] == 1.0
     tokens = window(64, 6)

@@ -404,6 +404,30 @@ def test_kernel_evidence_used_only_when_the_inspector_names_sparse_tactics():
     assert dense["sparse_kernels"] == "not-used" and "0 of 30 GEMM/conv" in dense["evidence"]
 
 
+def test_inspector_listing_myelin_kernels_and_one_set_of_layers_for_all_profiles():
+    """TensorRT 10 with DETAILED verbosity lists a Myelin region as its inner kernels
+    ("gemm" / "kgen" layers: a TacticName, no TacticValue, no HasSparseWeights; names
+    mangled with "_myl" suffixes), and may list the layers once for every profile
+    (hand-written from NVIDIA/TensorRT issue 4397's dump, not recorded)."""
+    def kernel(name, kind, tactic):
+        return {"Name": name, "LayerType": kind, "Inputs": [], "Outputs": [], "TacticName": tactic, "StreamId": 0,
+                "Metadata": f"[ONNX Layer: {name.split('_myl')[0]}]"}
+
+    layers = [kernel("/model/layers_0/mlp/up_proj/MatMul_myl0_7", "gemm",
+                     "sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off"),
+              kernel("/model/layers_0/mlp/down_proj/MatMul_myl0_9", "gemm",
+                     "sm90_xmma_sparse_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64_execute_segment_k_off"),
+              kernel("__myl_MulSiluCast_myl0_8", "kgen", "__myl_MulSiluCast_0x5b2e")]
+    records = stages.parse_engine_information(json.dumps({"Layers": layers, "Bindings": []}))
+    assert [r["gemm"] for r in records] == [True, True, False] and not any(r["opaque"] for r in records)
+    assert [r["sparse_tactic"] for r in records] == [False, True, False]
+    assert all(r["sparse_weights"] is None for r in records)
+    kernels = stages.kernel_evidence(records, ["prefill", "decode"])
+    assert kernels["sparse_kernels"] == "used"
+    assert "all profiles (the inspector lists them as one): 1 of 2" in kernels["evidence"]
+    assert "prefill" not in kernels["evidence"] and "decode" not in kernels["evidence"]
+
+
 def test_inspector_without_detailed_verbosity_or_json():
     names_only = json.dumps({"Layers": ["/model/layers.0/mlp/up_proj/MatMul", "Reformatting CopyNode"], "Bindings": []})
     kernels = stages.kernel_evidence(stages.parse_engine_information(names_only))

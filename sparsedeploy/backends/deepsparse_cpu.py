@@ -134,7 +134,10 @@ class DeepSparseBackend(Backend):
         settings = {"precision": precision, "options": relevant, "format": ARTIFACT_FORMAT,
                     "export": {"opset": OPSET, "shapes": "dynamic", "latency_graph": LAST_GRAPH}}
         if precision == "int8":
+            from sparsedeploy.export.smoothing import smoothquant_alpha
+
             settings["quantizer"] = QUANT_SCHEME
+            settings["smoothquant_alpha"] = smoothquant_alpha(options.get("smoothquant_alpha"))
         return settings
 
     def build(self, inputs: BuildInputs, output_dir: Path) -> BuiltArtifact:
@@ -145,8 +148,9 @@ class DeepSparseBackend(Backend):
         output_dir = Path(output_dir)
         started = time.perf_counter()
         scratch = output_dir / ".export-fp32"
+        model, smoothing = _smoothed_for_int8(inputs)
         try:
-            exported = export_decoder(inputs.model, scratch, opset=OPSET)
+            exported = export_decoder(model, scratch, opset=OPSET)
             details = {
                 "format": ARTIFACT_FORMAT,
                 "exporter": {"opset": exported.opset, "ir_version": exported.ir_version, "shapes": "dynamic",
@@ -160,7 +164,7 @@ class DeepSparseBackend(Backend):
                 for name in exported.files:
                     (scratch / name).rename(output_dir / name)
             else:
-                details["quantizer"] = _quantize_int8(inputs, exported.path, output_dir)
+                details["quantizer"] = {**_quantize_int8(inputs, exported.path, output_dir), "smoothing": smoothing}
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         main = output_dir / MODEL_FILE
@@ -205,6 +209,20 @@ def _check_precision(precision: str) -> None:
         )
     if precision not in PRECISIONS:
         raise BadInput(f"precision '{precision}' is not supported by DeepSparse; use one of {', '.join(PRECISIONS)}")
+
+
+def _smoothed_for_int8(inputs: BuildInputs):
+    """The model to export, and the smoothing record: int8's activations are per tensor
+    (QLinearMatMul), so SmoothQuant first unless the profile sets smoothquant_alpha = false."""
+    from sparsedeploy.export.smoothing import smoothed_copy, smoothquant_alpha
+    from sparsedeploy.kernels.semi_structured import named_linears
+
+    alpha = smoothquant_alpha(inputs.options.get("smoothquant_alpha")) if inputs.precision == "int8" else None
+    if alpha is None:
+        return inputs.model, None
+    if inputs.calibration is None:
+        raise BadInput("int8 for DeepSparse needs calibration text (static quantization); give the build a calibration source")
+    return smoothed_copy(inputs.model, inputs.calibration(), named_linears(inputs.model), alpha)
 
 
 def _quantize_int8(inputs: BuildInputs, fp32_model: Path, output_dir: Path) -> dict:

@@ -451,7 +451,9 @@ def parse_engine_information(text: str) -> list[dict]:
     ``{name, type, profile, tactic, gemm, sparse_tactic, sparse_weights, opaque}``.
     ``tactic`` is the kernel name (None when the engine was built without DETAILED
     verbosity); ``sparse_weights``: the inspector's HasSparseWeights (None if absent);
-    ``opaque``: a Myelin foreign node, whose inner layers the inspector does not show."""
+    ``opaque``: a Myelin foreign node, whose inner layers the inspector does not show
+    (with DETAILED verbosity TensorRT 10 lists Myelin's inner kernels instead: ``gemm`` /
+    ``kgen`` layers with a TacticName and no TacticValue or HasSparseWeights)."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
@@ -491,10 +493,15 @@ def kernel_evidence(records: list[dict], profile_names: list[str] | None = None,
     opaque = [r for r in records if r["opaque"]]
     untold = [r for r in gemms if not r["tactic"]]
     parts = []
-    for index in sorted({r["profile"] for r in gemms}):
+    listed = sorted({r["profile"] for r in gemms})
+    # TensorRT 10 may list one set of layers for all profiles (no " [profile N]" names):
+    # then no count belongs to the first profile alone.
+    one_list = listed == [0] and len(names) > 1
+    for index in listed:
         in_profile = [r for r in gemms if r["profile"] == index]
         hits = [r["name"] for r in in_profile if r["sparse_tactic"]]
-        label = names[index] if index < len(names) else f"profile {index}"
+        label = ("all profiles (the inspector lists them as one)" if one_list
+                 else names[index] if index < len(names) else f"profile {index}")
         shown = ", ".join(hits[:3]) + (", ..." if len(hits) > 3 else "")
         parts.append(f"{label}: {len(hits)} of {len(in_profile)}" + (f" ({shown})" if hits else ""))
     summary = f"{len(sparse)} of {len(gemms)} GEMM/conv layers ran sparse tactics"

@@ -81,6 +81,14 @@ class BuildInputs:
     checkpoint_dir: Path | None = None
 
 
+def calibration_settings(options: dict) -> dict:
+    """Which calibration text a build reads, from a profile's ``[build]`` keys (``calib``,
+    ``calib_nsamples``, ``calib_seqlen``, ``calib_seed``) and their defaults: part of
+    the cache key of every build that calibrates."""
+    return {"data": options.get("calib", "canterbury"), "nsamples": int(options.get("calib_nsamples", 16)),
+            "seqlen": int(options.get("calib_seqlen", 256)), "seed": int(options.get("calib_seed", 0))}
+
+
 @dataclass
 class BuiltArtifact:
     directory: Path

@@ -48,6 +48,7 @@ from sparsedeploy.backends.base import (
 )
 from sparsedeploy.errors import EXIT_TARGET_UNAVAILABLE, BadInput, SparsedeployError, TargetUnavailable
 from sparsedeploy.export.last_position import LAST_GRAPH, write_last_position_graph
+from sparsedeploy.export.smoothing import smoothed_if_asked, smoothquant_alpha
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKER_SCRIPT = Path(__file__).with_name("deepsparse_worker.py")
@@ -134,8 +135,6 @@ class DeepSparseBackend(Backend):
         settings = {"precision": precision, "options": relevant, "format": ARTIFACT_FORMAT,
                     "export": {"opset": OPSET, "shapes": "dynamic", "latency_graph": LAST_GRAPH}}
         if precision == "int8":
-            from sparsedeploy.export.smoothing import smoothquant_alpha
-
             settings["quantizer"] = QUANT_SCHEME
             settings["smoothquant_alpha"] = smoothquant_alpha(options.get("smoothquant_alpha"))
         return settings
@@ -148,7 +147,9 @@ class DeepSparseBackend(Backend):
         output_dir = Path(output_dir)
         started = time.perf_counter()
         scratch = output_dir / ".export-fp32"
-        model, smoothing = _smoothed_for_int8(inputs)
+        # int8's activations are per tensor (QLinearMatMul): SmoothQuant first, unless the profile turns it off.
+        alpha = smoothquant_alpha(inputs.options.get("smoothquant_alpha")) if precision == "int8" else None
+        model, smoothing = smoothed_if_asked(inputs.model, alpha, inputs.calibration)
         try:
             exported = export_decoder(model, scratch, opset=OPSET)
             details = {
@@ -209,20 +210,6 @@ def _check_precision(precision: str) -> None:
         )
     if precision not in PRECISIONS:
         raise BadInput(f"precision '{precision}' is not supported by DeepSparse; use one of {', '.join(PRECISIONS)}")
-
-
-def _smoothed_for_int8(inputs: BuildInputs):
-    """The model to export, and the smoothing record: int8's activations are per tensor
-    (QLinearMatMul), so SmoothQuant first unless the profile sets smoothquant_alpha = false."""
-    from sparsedeploy.export.smoothing import smoothed_copy, smoothquant_alpha
-    from sparsedeploy.kernels.semi_structured import named_linears
-
-    alpha = smoothquant_alpha(inputs.options.get("smoothquant_alpha")) if inputs.precision == "int8" else None
-    if alpha is None:
-        return inputs.model, None
-    if inputs.calibration is None:
-        raise BadInput("int8 for DeepSparse needs calibration text (static quantization); give the build a calibration source")
-    return smoothed_copy(inputs.model, inputs.calibration(), named_linears(inputs.model), alpha)
 
 
 def _quantize_int8(inputs: BuildInputs, fp32_model: Path, output_dir: Path) -> dict:

@@ -21,6 +21,7 @@ from sparsedeploy.backends.base import (
     LatencySamples,
     Session,
     Workload,
+    calibration_settings,
     module_version,
     register_backend,
     time_generation,
@@ -28,7 +29,7 @@ from sparsedeploy.backends.base import (
 from sparsedeploy.errors import BadInput
 from sparsedeploy.export.last_position import LAST_GRAPH, write_last_position_graph
 from sparsedeploy.export.onnx_decoder import past_dtype
-from sparsedeploy.export.smoothing import smoothed_copy, smoothquant_alpha
+from sparsedeploy.export.smoothing import smoothed_if_asked, smoothquant_alpha
 
 # Which ONNX Runtime quantizer each precision uses unless the profile's [build] table
 # names another (`int8_scheme = "int8-static-qdq"`).
@@ -69,7 +70,7 @@ class OnnxRuntimeBackend(Backend):
             # Every int8 scheme scales activations per tensor: SmoothQuant first.
             settings["smoothquant_alpha"] = smoothquant_alpha(options.get("smoothquant_alpha"))
             if scheme == "int8-static-qdq" or settings["smoothquant_alpha"] is not None:
-                settings["calibration"] = _calibration_settings(options)
+                settings["calibration"] = calibration_settings(options)
         elif precision == "int4":
             settings["scheme"] = DEFAULT_SCHEMES["int4"]
             settings["block_size"] = int(options.get("int4_block_size", DEFAULT_INT4_BLOCK))
@@ -87,13 +88,8 @@ class OnnxRuntimeBackend(Backend):
             return BuiltArtifact(output_dir, MODEL_FILE, "fp32", exported.sparsity, details)
 
         from sparsedeploy.export.onnx_quantize import calibration_feeds_from_windows, quantize_onnx
-        from sparsedeploy.kernels.semi_structured import named_linears
 
-        model, smoothing = inputs.model, None
-        if settings.get("smoothquant_alpha") is not None:
-            if inputs.calibration is None:
-                raise BadInput("SmoothQuant needs calibration text; set calib in the profile's [build] table, or smoothquant_alpha = false")
-            model, smoothing = smoothed_copy(model, inputs.calibration(), named_linears(model), settings["smoothquant_alpha"])
+        model, smoothing = smoothed_if_asked(inputs.model, settings.get("smoothquant_alpha"), inputs.calibration)
         with tempfile.TemporaryDirectory(prefix=".export-", dir=output_dir.parent) as scratch:
             exported = export_decoder(model, Path(scratch) / "fp32", opset=settings["opset"])
             feeds = None
@@ -122,15 +118,6 @@ def _last_graph(output_dir: Path) -> dict:
 
     checked = write_last_position_graph(output_dir / MODEL_FILE, output_dir / LAST_GRAPH)
     return {"graphs": {"full": MODEL_FILE, "latency": LAST_GRAPH}, "last_graph": checked}
-
-
-def _calibration_settings(options: dict) -> dict:
-    return {
-        "data": options.get("calib", "canterbury"),
-        "nsamples": int(options.get("calib_nsamples", 16)),
-        "seqlen": int(options.get("calib_seqlen", 256)),
-        "seed": int(options.get("calib_seed", 0)),
-    }
 
 
 def _export_details(exported) -> dict:

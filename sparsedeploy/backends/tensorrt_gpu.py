@@ -25,6 +25,7 @@ from sparsedeploy.backends.base import (
     LatencySamples,
     Session,
     Workload,
+    calibration_settings,
     cuda_gpu,
     module_version,
     register_backend,
@@ -77,10 +78,7 @@ class TensorRTBackend(Backend):
                        "batches": list(workload.batches), "eval_seqlen": workload.eval_seqlen},
         }
         if precision in ("int8", "fp8"):
-            settings["calibration"] = {
-                "data": options.get("calib", "canterbury"), "nsamples": int(options.get("calib_nsamples", 16)),
-                "seqlen": int(options.get("calib_seqlen", 256)), "seed": int(options.get("calib_seed", 0)),
-            }
+            settings["calibration"] = calibration_settings(options)
         if precision == "int8":
             from sparsedeploy.export.smoothing import smoothquant_alpha
 

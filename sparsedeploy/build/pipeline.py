@@ -11,6 +11,7 @@ Nothing here names a target: the profile says which backend, the registry suppli
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from sparsedeploy import __version__
 from sparsedeploy.atomic import check_output_dir, staged_directory
-from sparsedeploy.backends.base import Backend, BuildInputs, BuiltArtifact, Workload, get_backend
+from sparsedeploy.backends.base import Backend, BuildInputs, BuiltArtifact, Workload, calibration_settings, get_backend
 from sparsedeploy.build import bundle as bundles
 from sparsedeploy.build import cache
 from sparsedeploy.build.measure import (
@@ -177,18 +178,19 @@ def evaluation_data(profile: TargetProfile, workload: Workload, checkpoint: Chec
 
 
 def calibration_loader(options: dict, tokenizer, evaluation_source):
-    """Calibration windows for static quantization, never from the evaluation text."""
+    """Calibration windows for static quantization and smoothing, never from the
+    evaluation text: loaded on the first call only (the sparse and the dense build, and
+    the several steps of one build, read the same windows)."""
+    spec = calibration_settings(options)
 
+    @functools.cache
     def load():
         from sparsedeploy.data.sources import check_disjoint, load_text
         from sparsedeploy.data.windows import calibration_windows, tokenize
 
-        source = load_text(options.get("calib", "canterbury"))
+        source = load_text(spec["data"])
         check_disjoint(source, evaluation_source)
-        return calibration_windows(
-            tokenize(tokenizer, source), int(options.get("calib_seqlen", 256)), int(options.get("calib_nsamples", 16)),
-            int(options.get("calib_seed", 0)), source.name,
-        )
+        return calibration_windows(tokenize(tokenizer, source), spec["seqlen"], spec["nsamples"], spec["seed"], source.name)
 
     return load
 

@@ -196,10 +196,22 @@ def smoothed_copy(model: nn.Module, windows: torch.Tensor, linears: list[tuple[s
         for name in group.linears:
             target = copies[name].weight
             target.data.mul_(scales.to(target)[None, :])
-        folded.append({"norm": group.producer, "linears": len(group.linears),
-                       "largest_factor": round(float(scales.max()), 3), "smallest_factor": round(float(scales.min()), 5)})
+        folded.append(len(group.linears))
     _check_same_function(model, smoothed, windows[0, :_GROUPING_TOKENS])
     record = {"method": "SmoothQuant (per-channel factors folded into the preceding norm)", "alpha": alpha,
-              "groups_smoothed": len(folded), "linears_smoothed": sum(g["linears"] for g in folded),
+              "groups_smoothed": len(folded), "linears_smoothed": sum(folded),
               "not_foldable": skipped}
     return smoothed, record
+
+
+def smoothed_if_asked(model: nn.Module, alpha: float | None, calibration) -> tuple[nn.Module, dict | None]:
+    """What an INT8 build exports: ``model`` itself when ``alpha`` is None (the profile's
+    ``smoothquant_alpha = false``), else its ``smoothed_copy`` on the ``calibration()``
+    windows; and the smoothing record (None when not smoothed)."""
+    if alpha is None:
+        return model, None
+    if calibration is None:
+        raise BadInput("SmoothQuant needs calibration text; set calib in the profile's [build] table, or smoothquant_alpha = false")
+    from sparsedeploy.kernels.semi_structured import named_linears
+
+    return smoothed_copy(model, calibration(), named_linears(model), float(alpha))

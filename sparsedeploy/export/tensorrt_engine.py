@@ -107,17 +107,18 @@ def prepare_graphs(model, directory: Path, precision: str, opset: int, calibrati
                    smoothquant_alpha: float | None = None) -> PreparedGraphs:
     """Everything before TensorRT: the float16 export (Q/DQ added for int8 / fp8 from
     ranges measured on ``calibration()`` windows; for int8, after SmoothQuant with
-    ``smoothquant_alpha`` unless None: INT8 activations are per tensor; FP8's exponent
-    holds the outliers, its KL rose slightly when smoothed, so it is not), the 2:4 orientation check on the graph to be
-    compiled, and the last-position graph for timing. ``directory`` must not exist yet."""
+    ``smoothquant_alpha`` unless None: INT8 activations are per tensor, while FP8's
+    exponent holds the outliers and its KL rose slightly when smoothed), the 2:4
+    orientation check on the graph to be compiled, and the last-position graph for
+    timing. ``directory`` must not exist yet."""
     import tempfile
 
     import torch
 
     from sparsedeploy.export.explicit_quantization import activation_ranges, quantize_graph
-    from sparsedeploy.export.smoothing import smoothed_copy
     from sparsedeploy.export.last_position import LAST_GRAPH, write_last_position_graph
     from sparsedeploy.export.onnx_decoder import MODEL_FILE, export_decoder, initializer_sparsity
+    from sparsedeploy.export.smoothing import smoothed_if_asked
     from sparsedeploy.kernels.semi_structured import named_linears
 
     builder_flags(precision)  # an unknown precision is BadInput before anything is exported
@@ -131,9 +132,7 @@ def prepare_graphs(model, directory: Path, precision: str, opset: int, calibrati
             raise BadInput(f"{precision} needs calibration text; set calib in the tensorrt profile's [build] table")
         windows = calibration()
         started = time.perf_counter()
-        smoothing = None
-        if precision == "int8" and smoothquant_alpha is not None:
-            model, smoothing = smoothed_copy(model, windows, named_linears(model), float(smoothquant_alpha))
+        model, smoothing = smoothed_if_asked(model, smoothquant_alpha if precision == "int8" else None, lambda: windows)
         ranges = activation_ranges(model, windows, named_linears(model))
         directory.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".export-", dir=directory.parent) as scratch:

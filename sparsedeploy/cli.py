@@ -16,6 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from sparsedeploy import __version__
@@ -469,7 +470,7 @@ def main() -> None:
     try:
         app(prog_name="sparsedeploy")  # usage errors exit 2 inside the CLI library
     except SparsedeployError as error:
-        stderr.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        stderr.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)  # "[build]" is text
         sys.exit(error.exit_code)
 
 

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 T = TypeVar("T")
@@ -29,4 +30,4 @@ def progress_iter(items: Iterable[T], description: str, total: int | None = None
 
 
 def info(message: str) -> None:
-    stderr.print(message, highlight=False, soft_wrap=True)
+    stderr.print(escape(message), highlight=False, soft_wrap=True)  # plain text: "[build]" is no markup

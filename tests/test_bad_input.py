@@ -6,7 +6,7 @@ import shutil
 
 import torch
 
-from conftest import make_tiny_model, run_cli, save_checkpoint, tree_fingerprint
+from conftest import REPOSITORY, make_tiny_model, run_cli, save_checkpoint, tree_fingerprint
 
 
 def _assert_one_line_error(result, *needles):
@@ -93,3 +93,15 @@ def _default_tokenizer():
     from sparsedeploy.models.checkpoint import resolve_checkpoint
 
     return resolve_checkpoint("default").path / "tokenizer.json"
+
+
+def test_a_bad_profile_value_is_named_with_its_table(tmp_path, tiny_checkpoint):
+    """Square brackets in a message ("[build]") are text, not terminal markup."""
+    targets = tmp_path / "targets"
+    targets.mkdir()
+    profile = (REPOSITORY / "targets" / "onnxruntime.toml").read_text()
+    (targets / "onnxruntime.toml").write_text(profile.replace("smoothquant_alpha = 0.5", "smoothquant_alpha = 2"))
+    result = run_cli("build", "--target", "onnxruntime", "--model", str(tiny_checkpoint), "--quant", "int8",
+                     "-o", str(tmp_path / "out"), env={"SPARSEDEPLOY_TARGETS": str(targets)})
+    _assert_one_line_error(result, "smoothquant_alpha in [build] must be a number in [0, 1] or false, not 2")
+    assert not (tmp_path / "out").exists()

@@ -8,7 +8,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 APT := $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends
 
-.PHONY: install test test-fast test-gpu demo bench arm-check clean
+.PHONY: install lint test test-fast test-gpu demo bench arm-check clean
 
 install: $(STAMP)
 
@@ -38,7 +38,11 @@ $(STAMP): pyproject.toml requirements/constraints.txt requirements/constraints-d
 	test -x /usr/sbin/sshd || { $(APT) openssh-server; }
 	touch $(STAMP)
 
-test: install
+# Names that do not exist and imports nobody uses, in seconds, before the long test run.
+lint: install
+	$(BIN)/python -m pyflakes sparsedeploy tests benchmarks
+
+test: install lint
 	$(BIN)/python -m pytest -q
 
 # Unit tests only: no default model, seconds.

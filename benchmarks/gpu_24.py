@@ -130,7 +130,7 @@ def bench_layers(size: str, rows: list[dict]) -> None:
             print(f"{size} {name:8s} {tokens:6d} tok  fp16 2:4 graph {row['speedup_fp16_24_graph']:.2f}x  "
                   f"eager {row['speedup_fp16_24_eager']:.2f}x  int8 2:4 vs fp16 {row.get('speedup_int8_24_vs_fp16', float('nan')):.2f}x  "
                   f"int8 dense vs fp16 {row.get('speedup_int8_dense_vs_fp16', float('nan')):.2f}x  err {rel:.1e}", flush=True)
-        del compressed, compressed8
+        compressed = compressed8 = None  # free this layer's GPU copies before the next shape
 
 
 def probe(rows: list[dict]) -> None:

@@ -303,15 +303,10 @@ def run_check(inputs: CheckInputs) -> CheckResults:
             return {"rows": rows, "kernels": session("sparse").kernels()}
 
         def baseline(name: str) -> dict:
-            said = {"name": name, "description": backend.baselines[name]}
-            missing = backend.baseline_unavailable(name)
-            if missing:
-                info(f"Baseline {name} skipped: {missing}")
-                return {**said, "skipped": missing}
             info(f"Measuring the baseline {name} against the dense build ...")
             with backend.load_baseline(name, inputs.dense, workload) as opened:
                 found = baseline_measurements(opened, session("dense"), inputs.windows, workload, name)
-                return {**said, **found, "engine_kernels": opened.kernels()}
+                return {"name": name, "description": backend.baselines[name], **found, "engine_kernels": opened.kernels()}
 
         stamps = []
         if use_cache:
@@ -323,7 +318,11 @@ def run_check(inputs: CheckInputs) -> CheckResults:
             q, d, lat = quality(), dense_quality(), latency()
         baselines = []
         for name in inputs.baselines:
-            if use_cache and not backend.baseline_unavailable(name):
+            missing = backend.baseline_unavailable(name)
+            if missing:
+                info(f"Baseline {name} skipped: {missing}")
+                found = {"name": name, "description": backend.baselines[name], "skipped": missing}
+            elif use_cache:
                 found, at = measured({"baseline": name, "version": backend.baseline_version(name), "dense": inputs.dense_key,
                                       "protocol": protocol, "workload": workload.to_dict()}, False, lambda: baseline(name))
                 stamps += [at] if at else []

@@ -15,7 +15,10 @@ them), so the dense baselines are built once per engine and precision. Results a
 skips measured cells unless --redo). Asserts nothing.
 
     .venv/bin/python benchmarks/cpu_targets.py [--models M ...] [--targets T ...]
-        [--precisions P ...] [--windows 4] [--redo] [--table]
+        [--precisions P ...] [--windows 4] [--redo [--fresh]] [--table]
+
+--redo measures a cell again, but the build's measurement cache answers an identical
+artifact and workload with what it measured before; --fresh re-times it.
 """
 
 from __future__ import annotations
@@ -42,11 +45,12 @@ def checkpoint_for(model: str) -> str:
     return "default" if MODELS[model] is None else str(pruned_default(kept_name(model), MODELS[model]))
 
 
-def measure(model: str, target: str, precision: str, windows: int) -> dict:
+def measure(model: str, target: str, precision: str, windows: int, fresh: bool = False) -> dict:
     quant = "none" if precision == "fp32" else precision
     with tempfile.TemporaryDirectory() as scratch:
         out, seconds = run_sparsedeploy("build", "--target", target, "--model", checkpoint_for(model), "--quant", quant,
-                           "-o", str(Path(scratch) / "bundle"), "--windows", str(windows), "--json")
+                           "-o", str(Path(scratch) / "bundle"), "--windows", str(windows), "--json",
+                           *(["--fresh"] if fresh else []))
     if out.returncode not in (0, 1):  # 1: a gate failed, the numbers are still measured
         return {"error": (out.stderr.strip().splitlines() or ["?"])[-1][:300], "exit": out.returncode}
     report = json.loads(out.stdout)
@@ -96,6 +100,7 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["fp32", "int8", "int4"])
     parser.add_argument("--windows", type=int, default=4, help="quality windows of 1024 tokens per cell")
     parser.add_argument("--redo", action="store_true")
+    parser.add_argument("--fresh", action="store_true", help="re-measure instead of reusing the build cache's measurements")
     parser.add_argument("--table", action="store_true", help="print the saved table and exit")
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
@@ -109,7 +114,7 @@ def main() -> None:
                     if key in results and "error" not in results[key] and not args.redo:
                         continue
                     print(f"measuring {key} ...", file=sys.stderr, flush=True)
-                    results[key] = measure(model, target, precision, args.windows)
+                    results[key] = measure(model, target, precision, args.windows, args.fresh)
                     RESULTS.parent.mkdir(exist_ok=True)
                     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)

@@ -148,7 +148,7 @@ class DeepSparseBackend(Backend):
         started = time.perf_counter()
         scratch = output_dir / ".export-fp32"
         # int8's activations are per tensor (QLinearMatMul): SmoothQuant first, unless the profile turns it off.
-        alpha = smoothquant_alpha(inputs.options.get("smoothquant_alpha")) if precision == "int8" else None
+        alpha = self.build_settings(precision, inputs.workload, inputs.options).get("smoothquant_alpha")
         model, smoothing = smoothed_if_asked(inputs.model, alpha, inputs.calibration)
         try:
             exported = export_decoder(model, scratch, opset=OPSET)

@@ -105,3 +105,15 @@ def test_a_bad_profile_value_is_named_with_its_table(tmp_path, tiny_checkpoint):
                      "-o", str(tmp_path / "out"), env={"SPARSEDEPLOY_TARGETS": str(targets)})
     _assert_one_line_error(result, "smoothquant_alpha in [build] must be a number in [0, 1] or false, not 2")
     assert not (tmp_path / "out").exists()
+
+
+def test_int4_gptq_must_be_true_or_false(tmp_path, tiny_checkpoint):
+    targets = tmp_path / "targets"
+    targets.mkdir()
+    profile = (REPOSITORY / "targets" / "onnxruntime.toml").read_text()
+    assert "int4_gptq = true" in profile
+    (targets / "onnxruntime.toml").write_text(profile.replace("int4_gptq = true", 'int4_gptq = "yes"'))
+    result = run_cli("build", "--target", "onnxruntime", "--model", str(tiny_checkpoint), "--quant", "int4",
+                     "-o", str(tmp_path / "out"), env={"SPARSEDEPLOY_TARGETS": str(targets)})
+    _assert_one_line_error(result, "int4_gptq in [build] must be true or false, not 'yes'")
+    assert not (tmp_path / "out").exists()

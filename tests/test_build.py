@@ -149,6 +149,9 @@ def test_quantized_builds_keep_the_zeros_and_track_the_reference(workspace, targ
     assert quantization["scheme"] == scheme
     if quant == "int8":  # per-tensor activations: SmoothQuant first (the two norms of each layer)
         assert quantization["smoothing"]["alpha"] == 0.5 and quantization["smoothing"]["groups_smoothed"] == 4
+    if quant == "int4":  # GPTQ first: every quantized weight reaches the packer on its grid
+        assert quantization["gptq"]["linears"] == 14 and quantization["gptq"]["block_size"] == 32
+        assert quantization["settings"]["weights_on_given_grid"] == quantization["settings"]["quantized_nodes"] == 14
     # Symmetric weight quantization maps 0.0 to the zero point: the pattern survives.
     assert report["artifact"]["nm_compliance"]["2:4"] == 1.0
     assert 0.5 <= report["artifact"]["sparsity"] < 0.52

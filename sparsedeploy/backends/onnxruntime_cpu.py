@@ -27,6 +27,7 @@ from sparsedeploy.backends.base import (
     time_generation,
 )
 from sparsedeploy.errors import BadInput
+from sparsedeploy.export.gptq import gptq_copy
 from sparsedeploy.export.last_position import LAST_GRAPH, write_last_position_graph
 from sparsedeploy.export.onnx_decoder import past_dtype
 from sparsedeploy.export.smoothing import smoothed_if_asked, smoothquant_alpha
@@ -37,6 +38,15 @@ DEFAULT_SCHEMES = {"int8": "int8-dynamic", "int4": "int4-weight-only"}
 INT8_SCHEMES = ("int8-dynamic", "int8-static-qdq")
 DEFAULT_OPSET = 17
 DEFAULT_INT4_BLOCK = 32
+
+
+def int4_gptq(option) -> bool:
+    """A profile's ``int4_gptq``: absent -> True (GPTQ before the 4-bit quantizer)."""
+    if option is None:
+        return True
+    if not isinstance(option, bool):
+        raise BadInput(f"int4_gptq in [build] must be true or false, not {option!r}; true (the default) runs GPTQ")
+    return option
 
 
 @register_backend
@@ -74,6 +84,9 @@ class OnnxRuntimeBackend(Backend):
         elif precision == "int4":
             settings["scheme"] = DEFAULT_SCHEMES["int4"]
             settings["block_size"] = int(options.get("int4_block_size", DEFAULT_INT4_BLOCK))
+            settings["gptq"] = int4_gptq(options.get("int4_gptq"))
+            if settings["gptq"]:
+                settings["calibration"] = calibration_settings(options)
         elif precision != "fp32":
             raise BadInput(f"onnxruntime builds fp32, int8 or int4, not {precision}; pass --quant none, int8 or int4")
         return settings
@@ -90,6 +103,11 @@ class OnnxRuntimeBackend(Backend):
         from sparsedeploy.export.onnx_quantize import calibration_feeds_from_windows, quantize_onnx
 
         model, smoothing = smoothed_if_asked(inputs.model, settings.get("smoothquant_alpha"), inputs.calibration)
+        gptq = None
+        if settings.get("gptq"):
+            if inputs.calibration is None:
+                raise BadInput("GPTQ needs calibration text; set calib in the profile's [build] table, or int4_gptq = false")
+            model, gptq = gptq_copy(model, inputs.calibration(), settings["block_size"])
         with tempfile.TemporaryDirectory(prefix=".export-", dir=output_dir.parent) as scratch:
             exported = export_decoder(model, Path(scratch) / "fp32", opset=settings["opset"])
             feeds = None
@@ -104,6 +122,12 @@ class OnnxRuntimeBackend(Backend):
         quantization = {key: value for key, value in quantized.describe().items() if key != "sparsity"}
         if smoothing is not None:
             quantization["smoothing"] = smoothing
+        if gptq is not None:
+            on_grid = quantization["settings"]["weights_on_given_grid"]
+            if on_grid != quantization["settings"]["quantized_nodes"]:
+                raise RuntimeError(f"internal error: only {on_grid} of {quantization['settings']['quantized_nodes']} "
+                                   "GPTQ weights reached the 4-bit quantizer on their grid; the export changed them")
+            quantization["gptq"] = gptq
         details = {"export": _export_details(exported), "quantization": quantization, **_last_graph(output_dir)}
         return BuiltArtifact(output_dir, MODEL_FILE, inputs.precision, quantized.sparsity, details)
 

@@ -18,6 +18,9 @@ products, norms, the residual stream or the embedding:
                            quantize_dynamic's u8s8 graphs ran silently wrong there.
     int4-weight-only       ORT's blockwise 4-bit weight quantizer: MatMulNBits (bits 4,
                            ``block_size`` weights of one column per scale), float activations.
+                           Plain rounding; the onnxruntime target runs GPTQ first
+                           (``sparsedeploy.export.gptq``), whose weights already lie on
+                           this grid, so the rounding reproduces them exactly.
 
 Pruned zeros survive. Every scheme quantizes weights symmetrically (forced, not left to
 ORT's defaults: quantize_static/dynamic make signed weights symmetric only because
@@ -428,6 +431,7 @@ def _quantize_nbits(proto, block_size: int, exclude: list[str], bits: int = 4) -
     inits = {init.name: init for init in graph.initializer}
     excluded = set(exclude)
     replaced = []
+    on_grid = 0  # weights the packing reproduced exactly (all of them after GPTQ)
     for position, node in enumerate(graph.node):
         if node.op_type != "MatMul" or node.name in excluded or node.input[1] not in inits:
             continue
@@ -443,6 +447,7 @@ def _quantize_nbits(proto, block_size: int, exclude: list[str], bits: int = 4) -
         scales = np.zeros((cols, blocks), np.float32)
         zero_points = np.zeros((cols, (blocks + 1) // 2), np.uint8)
         quantize_matmul_4bits(packed, padded, scales, zero_points, block_size, cols, rows, True)
+        on_grid += bool(np.array_equal(dequantize_4bits(packed, scales, rows), array))
         packed_init = numpy_helper.from_array(packed, f"{weight.name}_Q{bits}")
         scales_init = numpy_helper.from_array(scales, f"{weight.name}_scales")
         graph.initializer.extend([packed_init, scales_init])
@@ -475,7 +480,19 @@ def _quantize_nbits(proto, block_size: int, exclude: list[str], bits: int = 4) -
         "op_types_to_quantize": list(OP_TYPES),
         "nodes_to_exclude": list(exclude),
         "quantized_nodes": len(replaced),
+        "weights_on_given_grid": on_grid,
     }
+
+
+def dequantize_4bits(packed: np.ndarray, scales: np.ndarray, rows: int) -> np.ndarray:
+    """The float [K, N] weight a symmetric MatMulNBits computes with: ``packed``
+    [N, blocks, block_size / 2] (two levels per byte, the lower column in the low
+    nibble), ``scales`` [N, blocks], zero point 8; ``rows`` = K cuts the last block's
+    padding."""
+    cols, blocks, half = packed.shape
+    levels = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(cols, blocks, 2 * half).astype(np.float32)
+    weights = (levels - 8.0) * scales.reshape(cols, blocks, 1)
+    return np.ascontiguousarray(weights.reshape(cols, blocks * 2 * half)[:, :rows].T)
 
 
 # -- checks and helpers ---------------------------------------------------------------

@@ -91,10 +91,12 @@ def hessian_accumulate(
     return H, total
 
 
-def _inverse_cholesky_upper(
-    H: torch.Tensor, percdamp: float
+def inverse_hessian_cholesky(
+    H: torch.Tensor, percdamp: float, method: str = "SparseGPT",
+    fix: str = "use more calibration samples/tokens or a larger dampening (--percdamp), or prune this layer with wanda",
 ) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + damp I)^-1, escalating damping if it is not PD."""
+    """Upper Cholesky factor of (H + damp I)^-1, escalating damping if it is not PD.
+    Returns it with the damping fraction used; ``method`` and ``fix`` word the error."""
     diag = torch.diagonal(H)
     mean_diag = float(diag.mean().item())
     eye = torch.arange(H.shape[0], device=H.device)
@@ -113,9 +115,8 @@ def _inverse_cholesky_upper(
         else:
             last_error = f"Cholesky failed at column {int(info.item()) - 1}"
     raise BadInput(
-        f"SparseGPT: the Hessian of a layer with {H.shape[0]} inputs is singular even with "
-        f"damping {fractions[-1]:g} x mean(diag H) ({last_error}); use more calibration "
-        "samples/tokens or a larger dampening (--percdamp), or prune this layer with wanda"
+        f"{method}: the Hessian of a layer with {H.shape[0]} inputs is singular even with "
+        f"damping {fractions[-1]:g} x mean(diag H) ({last_error}); {fix}"
     )
 
 
@@ -188,7 +189,7 @@ def sparsegpt_prune(
     H[idx[dead], idx[dead]] = 1.0
     W[:, dead] = 0.0
 
-    U, used = _inverse_cholesky_upper(H, percdamp)
+    U, used = inverse_hessian_cholesky(H, percdamp)
     del H
     if used != percdamp:
         warnings.warn(

@@ -1,0 +1,170 @@
+"""GPTQ on ONNX Runtime's 4-bit grid: the pure math on small tensors, checked against
+ONNX Runtime's own packer and MatMulNBits kernel, and the whole-model pass on a tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sparsedeploy.errors import BadInput
+from sparsedeploy.export.gptq import block_grid, gptq_copy, gptq_quantize, grid_mismatch, round_to_nearest
+from sparsedeploy.export.onnx_quantize import dequantize_4bits
+from sparsedeploy.prune.masks import nm_mask
+from sparsedeploy.prune.patterns import NMPattern, nm_compliance
+from sparsedeploy.prune.sparsegpt import hessian_accumulate
+
+from conftest import make_tiny_model
+
+
+def correlated_inputs(in_features: int, tokens: int = 512, seed: int = 1) -> torch.Tensor:
+    """X [tokens, in]: correlated features (low rank plus noise) and a few loud channels,
+    as LLM activations have."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(8, in_features, generator=g)
+    x = torch.randn(tokens, 8, generator=g) @ mix + 0.2 * torch.randn(tokens, in_features, generator=g)
+    x[:, :3] *= 8.0
+    return x
+
+
+def ort_pack(weight: torch.Tensor, block_size: int) -> np.ndarray:
+    """``weight`` [out, in] through ONNX Runtime's symmetric 4-bit packer and back: [out, in]."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    matrix = weight.detach().float().numpy().T.copy()  # [K, N], as the ONNX graph stores it
+    rows, cols = matrix.shape
+    blocks = -(-rows // block_size)
+    padded = np.zeros((blocks * block_size, cols), np.float32)
+    padded[:rows] = matrix
+    packed = np.zeros((cols, blocks, block_size // 2), np.uint8)
+    scales = np.zeros((cols, blocks), np.float32)
+    zero_points = np.zeros((cols, (blocks + 1) // 2), np.uint8)
+    quantize_matmul_4bits(packed, padded, scales, zero_points, block_size, cols, rows, True)
+    return dequantize_4bits(packed, scales, rows).T
+
+
+def output_error(new: torch.Tensor, weight: torch.Tensor, x: torch.Tensor) -> float:
+    return float(((x @ (new - weight).T) ** 2).sum())
+
+
+def two_of_four(weight: torch.Tensor) -> torch.Tensor:
+    return weight * nm_mask(weight.abs(), NMPattern(2, 4))
+
+
+@pytest.mark.parametrize("shape, block_size", [((24, 64), 32), ((8, 40), 16), ((5, 48), 16)])
+def test_round_to_nearest_is_what_onnx_runtime_packs(shape, block_size):
+    weight = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    assert np.array_equal(ort_pack(weight, block_size), round_to_nearest(weight, block_size).numpy())
+
+
+def test_dequantize_4bits_is_what_matmulnbits_multiplies_by():
+    """Multiply the identity by a MatMulNBits node: its output is the weight it really used."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    rows, cols, block_size = 48, 8, 16
+    matrix = np.random.default_rng(0).standard_normal((rows, cols)).astype(np.float32)
+    blocks = rows // block_size
+    packed = np.zeros((cols, blocks, block_size // 2), np.uint8)
+    scales = np.zeros((cols, blocks), np.float32)
+    quantize_matmul_4bits(packed, matrix, scales, np.zeros((cols, 2), np.uint8), block_size, cols, rows, True)
+    node = helper.make_node("MatMulNBits", ["x", "packed", "scales"], ["y"], domain="com.microsoft",
+                            K=rows, N=cols, bits=4, block_size=block_size)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, rows])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, cols])],
+                              [numpy_helper.from_array(packed, "packed"), numpy_helper.from_array(scales, "scales")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (used,) = session.run(None, {"x": np.eye(rows, dtype=np.float32)})
+    np.testing.assert_allclose(used, dequantize_4bits(packed, scales, rows), rtol=0, atol=1e-6)
+    assert onnx.checker.check_model(model) is None
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_gptq_lands_on_the_grid_onnx_runtime_reproduces_and_beats_rounding(pruned):
+    g = torch.Generator().manual_seed(2)
+    weight = torch.randn(32, 64, generator=g)
+    if pruned:
+        weight = two_of_four(weight)
+    x = correlated_inputs(64)
+    hessian, _ = hessian_accumulate(None, 0, x)
+    new = gptq_quantize(weight, hessian, block_size=16)
+
+    assert new.dtype == weight.dtype and new.shape == weight.shape
+    assert grid_mismatch(new, 16) == 0.0
+    # The quantizer, computing scales from these weights, finds GPTQ's grid again.
+    assert np.array_equal(ort_pack(new, 16), new.numpy())
+    assert bool((new[weight == 0] == 0).all()), "a pruned weight came back"
+    if pruned:
+        assert nm_compliance(new, NMPattern(2, 4)) == 1.0
+    # The point of GPTQ: the layer's output moves less than with plain rounding.
+    assert output_error(new, weight, x) < 0.5 * output_error(round_to_nearest(weight, 16), weight, x)
+
+
+def test_gptq_keeps_each_block_scale_and_handles_a_short_last_block_and_dead_inputs():
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(6, 40, generator=g)
+    x = correlated_inputs(40, seed=4)
+    x[:, 7] = 0.0  # an input that never fires
+    hessian, _ = hessian_accumulate(None, 0, x)
+    new = gptq_quantize(weight, hessian, block_size=16)
+    scales_before, _ = block_grid(weight, 16)
+    scales_after, _ = block_grid(new, 16)
+    assert torch.equal(scales_before, scales_after)
+    assert np.array_equal(ort_pack(new, 16), new.numpy())
+    assert torch.isfinite(new).all()
+
+
+def test_gptq_does_not_modify_its_inputs():
+    weight = torch.randn(4, 32, generator=torch.Generator().manual_seed(5))
+    hessian, _ = hessian_accumulate(None, 0, correlated_inputs(32))
+    weight_copy, hessian_copy = weight.clone(), hessian.clone()
+    gptq_quantize(weight, hessian, block_size=16)
+    assert torch.equal(weight, weight_copy) and torch.equal(hessian, hessian_copy)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(weight=torch.zeros(4), hessian=torch.eye(4)), "2-D linear weights"),
+    (dict(weight=torch.zeros(2, 4), hessian=torch.eye(3)), "has 4 inputs"),
+    (dict(weight=torch.zeros(2, 4), hessian=torch.full((4, 4), float("nan"))), "NaN/inf"),
+    (dict(weight=torch.zeros(2, 4), hessian=torch.eye(4), block_size=1), "block_size 1"),
+    (dict(weight=torch.zeros(2, 4), hessian=torch.eye(4), percdamp=-1.0), "percdamp"),
+])
+def test_gptq_bad_input_is_one_clear_line(arguments, message):
+    with pytest.raises(BadInput, match=message):
+        gptq_quantize(**arguments)
+
+
+def test_gptq_copy_quantizes_every_decoder_linear_and_leaves_the_model_alone():
+    model = make_tiny_model("llama")
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
+                module.weight.copy_(two_of_four(module.weight))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    windows = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(6))
+
+    quantized, record = gptq_copy(model, windows, block_size=16)
+
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    linears = {name: m for name, m in quantized.named_modules() if isinstance(m, torch.nn.Linear) and name.startswith("model.layers.")}
+    assert record["linears"] == len(linears) == 14 and record["calibration_tokens"] == 128
+    for name, linear in linears.items():
+        assert grid_mismatch(linear.weight, 16) == 0.0, name
+        assert nm_compliance(linear.weight, NMPattern(2, 4)) == 1.0, name
+        assert not torch.equal(linear.weight, before[f"{name}.weight"]), name
+    assert torch.equal(quantized.lm_head.weight, before["lm_head.weight"])
+    assert record["zero_weights_after"] >= record["zero_weights_before"] > 0
+
+
+def test_int4_gptq_setting_from_the_profile():
+    from sparsedeploy.backends.base import get_backend
+
+    backend = get_backend("onnxruntime")
+    workload = None  # the onnxruntime build settings do not read the workload
+    on = backend.build_settings("int4", workload, {})
+    assert on["gptq"] is True and on["calibration"]["data"] == "canterbury"
+    off = backend.build_settings("int4", workload, {"int4_gptq": False})
+    assert off["gptq"] is False and "calibration" not in off

@@ -168,3 +168,38 @@ def test_int4_gptq_setting_from_the_profile():
     assert on["gptq"] is True and on["calibration"]["data"] == "canterbury"
     off = backend.build_settings("int4", workload, {"int4_gptq": False})
     assert off["gptq"] is False and "calibration" not in off
+
+
+@pytest.mark.default_model
+def test_gptq_beats_rounding_on_the_default_model_on_held_out_text(default_checkpoint):
+    """Real weights and activations: the default model's first four decoder layers (the
+    rest dropped, for time), quantized by GPTQ on Canterbury text, follow the float model
+    on WikiText-2 (never calibrated on) more closely than plain rounding does. (Layer by
+    layer, the MLP down projections alone come out 1.1-1.3x worse than rounding on held-out
+    text; the whole model gains, as measured through the target.)"""
+    import copy
+
+    from sparsedeploy.checks.quality import evaluate, torch_logits_fn
+    from sparsedeploy.data.sources import load_text
+    from sparsedeploy.data.windows import calibration_windows, evaluation_windows, tokenize
+    from sparsedeploy.models.adapters import adapter_for
+    from sparsedeploy.models.checkpoint import load_model, load_tokenizer
+    from sparsedeploy.prune.structured import drop_decoder_layers
+
+    model, tokenizer = load_model(default_checkpoint), load_tokenizer(default_checkpoint)
+    adapter = adapter_for(model)
+    drop_decoder_layers(model, adapter, list(range(4, adapter.num_layers)))
+    calibration = calibration_windows(tokenize(tokenizer, load_text("canterbury")), 256, 16, 0)
+    held_out = evaluation_windows(tokenize(tokenizer, load_text("wikitext2")), 256, 4)
+
+    quantized, record = gptq_copy(model, calibration, block_size=32)
+    rounded = copy.deepcopy(model)
+    for layer in adapter_for(rounded).decoder_layers():
+        for linear in layer.linears:
+            linear.module.weight.data = round_to_nearest(linear.module.weight.detach(), 32)
+    reference = torch_logits_fn(model)
+    with_gptq = evaluate(torch_logits_fn(quantized), held_out, reference)
+    with_rounding = evaluate(torch_logits_fn(rounded), held_out, reference)
+    assert record["linears"] == 28
+    assert with_gptq.kl_mean < 0.8 * with_rounding.kl_mean
+    assert with_gptq.top1_agreement > with_rounding.top1_agreement

@@ -203,3 +203,12 @@ def test_gptq_beats_rounding_on_the_default_model_on_held_out_text(default_check
     assert record["linears"] == 28
     assert with_gptq.kl_mean < 0.8 * with_rounding.kl_mean
     assert with_gptq.top1_agreement > with_rounding.top1_agreement
+
+
+def test_gptq_raises_damping_with_a_warning_when_the_hessian_is_singular():
+    weight = torch.randn(4, 16, generator=torch.Generator().manual_seed(7))
+    x = torch.randn(64, 1, generator=torch.Generator().manual_seed(8)).repeat(1, 16)  # rank one
+    hessian, _ = hessian_accumulate(None, 0, x)
+    with pytest.warns(RuntimeWarning, match="used"):
+        new = gptq_quantize(weight, hessian, block_size=16, percdamp=0.0)
+    assert grid_mismatch(new, 16) == 0.0

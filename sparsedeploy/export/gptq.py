@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -118,7 +119,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, block_size: in
     order = torch.argsort(torch.diagonal(H), descending=True, stable=True)
     W, H = W[:, order], H[order][:, order]
     kept = W != 0
-    U, _ = inverse_hessian_cholesky(H, percdamp, method="GPTQ", fix=GPTQ_FIX)
+    U, used = inverse_hessian_cholesky(H, percdamp, method="GPTQ", fix=GPTQ_FIX)
+    if used != percdamp:
+        warnings.warn(f"GPTQ: Hessian not positive definite with percdamp={percdamp:g}; used {used:g} instead "
+                      "(more calibration tokens would help)", RuntimeWarning, stacklevel=2)
     del H
 
     original_columns = order.tolist()
@@ -196,7 +200,7 @@ def gptq_copy(model: nn.Module, windows: torch.Tensor, block_size: int,
             names.append(linear.name)
         if index + 1 < adapter.num_layers:
             hidden = run_layer(layer.module, hidden, inputs.layer_kwargs[index], device)
-    record = {"method": "GPTQ (OBS error compensation on the MatMulNBits grid, pruned zeros kept)",
+    record = {"method": "GPTQ (act-order, grid fixed per block up front, pruned zeros kept) on the MatMulNBits grid",
               "block_size": block_size, "percdamp": percdamp, "linears": len(names),
               "calibration_tokens": int(windows.numel()), "zero_weights_before": zeros_before,
               "zero_weights_after": zeros_after, "seconds": round(time.perf_counter() - started, 1)}

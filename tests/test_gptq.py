@@ -9,7 +9,7 @@ import torch
 
 from sparsedeploy.errors import BadInput
 from sparsedeploy.export.gptq import block_grid, gptq_copy, gptq_quantize, grid_mismatch, round_to_nearest
-from sparsedeploy.export.onnx_quantize import dequantize_4bits
+from sparsedeploy.export.onnx_quantize import dequantize_4bits, pack_4bits
 from sparsedeploy.prune.masks import nm_mask
 from sparsedeploy.prune.patterns import NMPattern, nm_compliance
 from sparsedeploy.prune.sparsegpt import hessian_accumulate
@@ -29,18 +29,9 @@ def correlated_inputs(in_features: int, tokens: int = 512, seed: int = 1) -> tor
 
 def ort_pack(weight: torch.Tensor, block_size: int) -> np.ndarray:
     """``weight`` [out, in] through ONNX Runtime's symmetric 4-bit packer and back: [out, in]."""
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
-
     matrix = weight.detach().float().numpy().T.copy()  # [K, N], as the ONNX graph stores it
-    rows, cols = matrix.shape
-    blocks = -(-rows // block_size)
-    padded = np.zeros((blocks * block_size, cols), np.float32)
-    padded[:rows] = matrix
-    packed = np.zeros((cols, blocks, block_size // 2), np.uint8)
-    scales = np.zeros((cols, blocks), np.float32)
-    zero_points = np.zeros((cols, (blocks + 1) // 2), np.uint8)
-    quantize_matmul_4bits(packed, padded, scales, zero_points, block_size, cols, rows, True)
-    return dequantize_4bits(packed, scales, rows).T
+    packed, scales = pack_4bits(matrix, block_size)
+    return dequantize_4bits(packed, scales, matrix.shape[0]).T
 
 
 def output_error(new: torch.Tensor, weight: torch.Tensor, x: torch.Tensor) -> float:
@@ -62,14 +53,10 @@ def test_dequantize_4bits_is_what_matmulnbits_multiplies_by():
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
 
     rows, cols, block_size = 48, 8, 16
     matrix = np.random.default_rng(0).standard_normal((rows, cols)).astype(np.float32)
-    blocks = rows // block_size
-    packed = np.zeros((cols, blocks, block_size // 2), np.uint8)
-    scales = np.zeros((cols, blocks), np.float32)
-    quantize_matmul_4bits(packed, matrix, scales, np.zeros((cols, 2), np.uint8), block_size, cols, rows, True)
+    packed, scales = pack_4bits(matrix, block_size)
     node = helper.make_node("MatMulNBits", ["x", "packed", "scales"], ["y"], domain="com.microsoft",
                             K=rows, N=cols, bits=4, block_size=block_size)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, rows])],

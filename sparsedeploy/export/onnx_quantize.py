@@ -423,7 +423,6 @@ def _quantize_nbits(proto, block_size: int, exclude: list[str], bits: int = 4) -
     input), so 0.0 packs to 8 and dequantizes to exactly 0.0.
     """
     from onnx import TensorProto, helper, numpy_helper
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
 
     if bits != 4:
         raise ValueError("only 4-bit MatMulNBits is built")
@@ -440,13 +439,7 @@ def _quantize_nbits(proto, block_size: int, exclude: list[str], bits: int = 4) -
             continue
         array = numpy_helper.to_array(weight)
         rows, cols = array.shape  # K, N
-        blocks = (rows + block_size - 1) // block_size
-        padded = np.zeros((blocks * block_size, cols), np.float32)
-        padded[:rows] = array
-        packed = np.zeros((cols, blocks, block_size * bits // 8), np.uint8)
-        scales = np.zeros((cols, blocks), np.float32)
-        zero_points = np.zeros((cols, (blocks + 1) // 2), np.uint8)
-        quantize_matmul_4bits(packed, padded, scales, zero_points, block_size, cols, rows, True)
+        packed, scales = pack_4bits(array, block_size)
         on_grid += bool(np.array_equal(dequantize_4bits(packed, scales, rows), array))
         packed_init = numpy_helper.from_array(packed, f"{weight.name}_Q{bits}")
         scales_init = numpy_helper.from_array(scales, f"{weight.name}_scales")
@@ -482,6 +475,23 @@ def _quantize_nbits(proto, block_size: int, exclude: list[str], bits: int = 4) -
         "quantized_nodes": len(replaced),
         "weights_on_given_grid": on_grid,
     }
+
+
+def pack_4bits(matrix: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A float32 weight [K, N] packed by ONNX Runtime's own symmetric 4-bit packer, as
+    MatMulNBits reads it: levels [N, blocks, block_size / 2] and scales [N, blocks]
+    (K padded with zeros to whole blocks)."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    rows, cols = matrix.shape
+    blocks = (rows + block_size - 1) // block_size
+    padded = np.zeros((blocks * block_size, cols), np.float32)
+    padded[:rows] = matrix
+    packed = np.zeros((cols, blocks, block_size // 2), np.uint8)
+    scales = np.zeros((cols, blocks), np.float32)
+    zero_points = np.zeros((cols, (blocks + 1) // 2), np.uint8)  # unused when symmetric
+    quantize_matmul_4bits(packed, padded, scales, zero_points, block_size, cols, rows, True)
+    return packed, scales
 
 
 def dequantize_4bits(packed: np.ndarray, scales: np.ndarray, rows: int) -> np.ndarray:

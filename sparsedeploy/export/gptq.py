@@ -58,19 +58,6 @@ def quantize_to_levels(values: torch.Tensor, scales: torch.Tensor) -> torch.Tens
     return torch.where(shaped == 0, torch.zeros_like(values), levels * shaped)
 
 
-def round_to_nearest(weight: torch.Tensor, block_size: int) -> torch.Tensor:
-    """What the quantizer alone makes of ``weight`` [out, in]: each block of
-    ``block_size`` input columns rounded on its own scale (the last block may be short:
-    the quantizer pads it with zeros, which change neither its maximum nor its levels)."""
-    _check_block_size(block_size)
-    out = torch.empty_like(weight)
-    for start in range(0, weight.shape[1], block_size):
-        block = weight[:, start:start + block_size]
-        scales, _ = block_scales(block)
-        out[:, start:start + block_size] = quantize_to_levels(block, scales)
-    return out
-
-
 def block_grid(weight: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The grid of ``weight`` [out, in]: per output row and block of ``block_size`` input
     columns, the scale and the column (inside the block) of the value that sets it, both
@@ -81,6 +68,18 @@ def block_grid(weight: torch.Tensor, block_size: int) -> tuple[torch.Tensor, tor
         scales.append(block_scale)
         columns.append(column)
     return torch.stack(scales, dim=1), torch.stack(columns, dim=1)
+
+
+def round_to_nearest(weight: torch.Tensor, block_size: int) -> torch.Tensor:
+    """What the quantizer alone makes of ``weight`` [out, in]: each block of
+    ``block_size`` input columns rounded on its own scale (the last block may be short:
+    the quantizer pads it with zeros, which change neither its maximum nor its levels)."""
+    _check_block_size(block_size)
+    scales, _ = block_grid(weight, block_size)
+    out = torch.empty_like(weight)
+    for block, start in enumerate(range(0, weight.shape[1], block_size)):
+        out[:, start:start + block_size] = quantize_to_levels(weight[:, start:start + block_size], scales[:, block])
+    return out
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, block_size: int = 32,
@@ -99,7 +98,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, block_size: in
     from 0.690 to 0.722 over left-to-right order; rounding alone gives 0.446 / 0.557."""
     if weight.dim() != 2:
         raise BadInput(f"GPTQ quantizes 2-D linear weights [out, in]; got shape {list(weight.shape)}")
-    rows, cols = weight.shape
+    cols = weight.shape[1]
     if hessian.shape != (cols, cols):
         raise BadInput(f"Hessian has shape {list(hessian.shape)} but the weight {list(weight.shape)} has {cols} inputs; "
                        "accumulate H from this layer's own inputs")

@@ -143,6 +143,9 @@ def test_gptq_copy_quantizes_every_decoder_linear_and_leaves_the_model_alone():
         assert nm_compliance(linear.weight, NMPattern(2, 4)) == 1.0, name
         assert not torch.equal(linear.weight, before[f"{name}.weight"]), name
     assert torch.equal(quantized.lm_head.weight, before["lm_head.weight"])
+    # What GPTQ does not rewrite is shared with the model, not copied.
+    assert quantized.lm_head.weight is model.lm_head.weight
+    assert quantized.get_input_embeddings().weight is model.get_input_embeddings().weight
     assert record["zero_weights_after"] >= record["zero_weights_before"] > 0
 
 

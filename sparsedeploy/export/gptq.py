@@ -22,7 +22,6 @@ bit for bit (``grid_mismatch`` checks this, tests compare with ONNX Runtime's pa
 
 from __future__ import annotations
 
-import copy
 import time
 import warnings
 
@@ -171,15 +170,18 @@ def gptq_copy(model: nn.Module, windows: torch.Tensor, block_size: int,
     """A copy of ``model`` whose decoder layers' linear weights lie on the 4-bit block grid,
     quantized by GPTQ one decoder layer at a time on the calibration ``windows``
     [n, seqlen] (each layer calibrated on what the already quantized layers before it
-    output), and a record for the build report. ``model`` is left as it is; the LM head
-    and embeddings are not touched (the int4 build keeps the head in float)."""
+    output), and a record for the build report. ``model`` is left as it is; the copy
+    shares every parameter GPTQ does not rewrite (embeddings, norms, the LM head, which
+    the int4 build keeps in float)."""
     from sparsedeploy.models.adapters import adapter_for
+    from sparsedeploy.models.checkpoint import copy_with_own_parameters
     from sparsedeploy.prune.methods import InputHessian
     from sparsedeploy.prune.sequential import calibrate_layer, capture_first_layer_inputs, run_layer
     from sparsedeploy.ui import progress_iter
 
     started = time.perf_counter()
-    quantized = copy.deepcopy(model)
+    rewritten = {id(linear.module.weight) for linear in adapter_for(model).linear_sublayers()}
+    quantized = copy_with_own_parameters(model, rewritten)
     adapter = adapter_for(quantized)
     device = str(next(quantized.parameters()).device)
     inputs = capture_first_layer_inputs(adapter, windows)

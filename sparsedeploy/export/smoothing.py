@@ -176,14 +176,13 @@ def smoothed_copy(model: nn.Module, windows: torch.Tensor, linears: list[tuple[s
     activation outliers folded into their weights (SmoothQuant, ``alpha``), and a record.
     Zeros stay zeros (columns are scaled), so 2:4 stays 2:4. Only the parameters it
     changes are copied; the rest are shared with ``model``, which is left as it is."""
-    import copy
+    from sparsedeploy.models.checkpoint import copy_with_own_parameters
 
     modules = dict(model.named_modules())
     ranges = channel_ranges(model, windows, linears)
     groups = [g for g in smoothing_groups(model, windows[0], linears) if g.producer is not None]
     changed = {id(p) for g in groups for name in [g.producer, *g.linears] for p in modules[name].parameters(recurse=False)}
-    memo = {id(p): (nn.Parameter(p.detach().clone(), requires_grad=False) if id(p) in changed else p) for p in model.parameters()}
-    smoothed = copy.deepcopy(model, memo)
+    smoothed = copy_with_own_parameters(model, changed)
     copies = dict(smoothed.named_modules())
     folded, skipped = [], []
     for group in groups:

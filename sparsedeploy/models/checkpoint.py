@@ -153,6 +153,17 @@ def nonfinite_tensors(model: torch.nn.Module) -> dict[str, int]:
     return counts
 
 
+def copy_with_own_parameters(model: torch.nn.Module, changing: set[int]) -> torch.nn.Module:
+    """A copy of ``model`` that owns fresh copies of the parameters whose ids are in
+    ``changing`` and shares every other parameter with ``model``: a transform that
+    rewrites some weights costs their memory only, and ``model`` stays as it is."""
+    import copy
+
+    memo = {id(p): (torch.nn.Parameter(p.detach().clone(), requires_grad=False) if id(p) in changing else p)
+            for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
 def load_tokenizer(checkpoint: Checkpoint):
     from transformers import AutoTokenizer
 

@@ -57,6 +57,7 @@ def ort_logits_fn(graph: Path):
 
 
 def measure(model_name: str, precisions: list[str], windows: int, seqlen: int) -> dict:
+    from sparsedeploy.backends.base import calibration_settings
     from sparsedeploy.build.pipeline import calibration_loader
     from sparsedeploy.checks.quality import evaluate, torch_logits_fn
     from sparsedeploy.data.sources import load_text
@@ -73,7 +74,7 @@ def measure(model_name: str, precisions: list[str], windows: int, seqlen: int) -
     evaluation = load_text("wikitext2")
     eval_windows = evaluation_windows(tokenize(tokenizer, evaluation), seqlen, windows, evaluation.name)
     profile = parse_profile(Path(__file__).parent.parent / "targets" / "tensorrt.toml")
-    calibration = calibration_loader(profile.raw.get("build", {}), tokenizer, evaluation)
+    calibration = calibration_loader(calibration_settings(profile.raw.get("build", {})), tokenizer, evaluation)
     reference = torch_logits_fn(model)
     rows = {}
     for precision in precisions:

@@ -4,6 +4,7 @@ exit 2, and nothing written into an input directory."""
 import json
 import shutil
 
+import pytest
 import torch
 
 from conftest import REPOSITORY, make_tiny_model, run_cli, save_checkpoint, tree_fingerprint
@@ -107,13 +108,20 @@ def test_a_bad_profile_value_is_named_with_its_table(tmp_path, tiny_checkpoint):
     assert not (tmp_path / "out").exists()
 
 
-def test_int4_gptq_must_be_true_or_false(tmp_path, tiny_checkpoint):
+@pytest.mark.parametrize("setting, bad, message", [
+    ("int4_gptq = true", 'int4_gptq = "yes"', "int4_gptq in [build] must be true or false, not 'yes'"),
+    ("int4_gptq_nsamples = 64", "int4_gptq_nsamples = 0",
+     "int4_gptq_nsamples in the profile's [build] table must be a whole number >= 1, not 0"),
+    ("calib_seqlen = 256", 'calib_seqlen = "long"',
+     "calib_seqlen in the profile's [build] table must be a whole number >= 2, not 'long'"),
+])
+def test_bad_int4_build_settings_are_one_line_errors(tmp_path, tiny_checkpoint, setting, bad, message):
     targets = tmp_path / "targets"
     targets.mkdir()
     profile = (REPOSITORY / "targets" / "onnxruntime.toml").read_text()
-    assert "int4_gptq = true" in profile
-    (targets / "onnxruntime.toml").write_text(profile.replace("int4_gptq = true", 'int4_gptq = "yes"'))
+    assert setting in profile
+    (targets / "onnxruntime.toml").write_text(profile.replace(setting, bad))
     result = run_cli("build", "--target", "onnxruntime", "--model", str(tiny_checkpoint), "--quant", "int4",
                      "-o", str(tmp_path / "out"), env={"SPARSEDEPLOY_TARGETS": str(targets)})
-    _assert_one_line_error(result, "int4_gptq in [build] must be true or false, not 'yes'")
+    _assert_one_line_error(result, message)
     assert not (tmp_path / "out").exists()

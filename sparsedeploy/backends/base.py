@@ -81,12 +81,26 @@ class BuildInputs:
     checkpoint_dir: Path | None = None
 
 
-def calibration_settings(options: dict) -> dict:
+def calibration_settings(options: dict, nsamples: int | None = None) -> dict:
     """Which calibration text a build reads, from a profile's ``[build]`` keys (``calib``,
     ``calib_nsamples``, ``calib_seqlen``, ``calib_seed``) and their defaults: part of
-    the cache key of every build that calibrates."""
-    return {"data": options.get("calib", "canterbury"), "nsamples": int(options.get("calib_nsamples", 16)),
-            "seqlen": int(options.get("calib_seqlen", 256)), "seed": int(options.get("calib_seed", 0))}
+    the cache key of every build that calibrates, and what the pipeline loads.
+    ``nsamples`` overrides ``calib_nsamples`` for a step that needs more text than the
+    rest (GPTQ)."""
+    if nsamples is None:
+        nsamples = whole_number(options, "calib_nsamples", 16, minimum=1)
+    return {"data": options.get("calib", "canterbury"), "nsamples": nsamples,
+            "seqlen": whole_number(options, "calib_seqlen", 256, minimum=2),
+            "seed": whole_number(options, "calib_seed", 0, minimum=0)}
+
+
+def whole_number(options: dict, key: str, default: int, minimum: int) -> int:
+    """A whole-number ``[build]`` option, or a one-line error naming it."""
+    value = options.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise BadInput(f"{key} in the profile's [build] table must be a whole number >= {minimum}, not {value!r}; "
+                       f"the default is {default}")
+    return value
 
 
 @dataclass

@@ -25,9 +25,10 @@ from sparsedeploy.backends.base import (
     module_version,
     register_backend,
     time_generation,
+    whole_number,
 )
 from sparsedeploy.errors import BadInput
-from sparsedeploy.export.gptq import gptq_copy
+from sparsedeploy.export.gptq import GPTQ_NSAMPLES, gptq_copy
 from sparsedeploy.export.last_position import LAST_GRAPH, write_last_position_graph
 from sparsedeploy.export.onnx_decoder import past_dtype
 from sparsedeploy.export.smoothing import smoothed_if_asked, smoothquant_alpha
@@ -86,7 +87,10 @@ class OnnxRuntimeBackend(Backend):
             settings["block_size"] = int(options.get("int4_block_size", DEFAULT_INT4_BLOCK))
             settings["gptq"] = int4_gptq(options.get("int4_gptq"))
             if settings["gptq"]:
-                settings["calibration"] = calibration_settings(options)
+                # GPTQ estimates a Hessian per linear (1536 x 1536 for the default model's
+                # down projections): it needs more tokens than smoothing does.
+                nsamples = whole_number(options, "int4_gptq_nsamples", GPTQ_NSAMPLES, minimum=1)
+                settings["calibration"] = calibration_settings(options, nsamples)
         elif precision != "fp32":
             raise BadInput(f"onnxruntime builds fp32, int8 or int4, not {precision}; pass --quant none, int8 or int4")
         return settings

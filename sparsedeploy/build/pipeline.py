@@ -177,11 +177,11 @@ def evaluation_data(profile: TargetProfile, workload: Workload, checkpoint: Chec
     return source, tokenizer, windows
 
 
-def calibration_loader(options: dict, tokenizer, evaluation_source):
-    """Calibration windows for static quantization and smoothing, never from the
-    evaluation text: loaded on the first call only (the sparse and the dense build, and
-    the several steps of one build, read the same windows)."""
-    spec = calibration_settings(options)
+def calibration_loader(spec: dict, tokenizer, evaluation_source):
+    """Calibration windows (``spec`` from ``calibration_settings``) for static
+    quantization, smoothing and GPTQ, never from the evaluation text: loaded on the first
+    call only (the sparse and the dense build, and the several steps of one build, read
+    the same windows)."""
 
     @functools.cache
     def load():
@@ -421,7 +421,8 @@ def build(request: BuildRequest) -> tuple[dict, Path]:
     checkpoint_sha = checkpoint_sha256(checkpoint.path)
     dense_sha = checkpoint_sha if dense_checkpoint.path == checkpoint.path else checkpoint_sha256(dense_checkpoint.path)
     data, tokenizer, windows = evaluation_data(profile, workload, checkpoint)
-    calibration = calibration_loader(options, tokenizer, data)
+    # The text the backend's settings (and so the cache key) name, when it names one.
+    calibration = calibration_loader(settings.get("calibration") or calibration_settings(options), tokenizer, data)
 
     info(f"[2/5] Building {checkpoint.spec} for {profile.name} ({precision}) ...")
     sparse_key = artifact_key(checkpoint_sha, profile, backend, settings)

@@ -58,7 +58,7 @@ def ort_logits_fn(graph: Path):
 
 def measure(model_name: str, precisions: list[str], windows: int, seqlen: int) -> dict:
     from sparsedeploy.backends.base import calibration_settings
-    from sparsedeploy.build.pipeline import calibration_loader
+    from sparsedeploy.build.pipeline import calibration_loader, calibration_text
     from sparsedeploy.checks.quality import evaluate, torch_logits_fn
     from sparsedeploy.data.sources import load_text
     from sparsedeploy.data.windows import evaluation_windows, tokenize
@@ -74,7 +74,8 @@ def measure(model_name: str, precisions: list[str], windows: int, seqlen: int) -
     evaluation = load_text("wikitext2")
     eval_windows = evaluation_windows(tokenize(tokenizer, evaluation), seqlen, windows, evaluation.name)
     profile = parse_profile(Path(__file__).parent.parent / "targets" / "tensorrt.toml")
-    calibration = calibration_loader(calibration_settings(profile.raw.get("build", {})), tokenizer, evaluation)
+    calibration_spec = calibration_settings(profile.raw.get("build", {}))
+    calibration = calibration_loader(calibration_spec, calibration_text(calibration_spec, evaluation), tokenizer)
     reference = torch_logits_fn(model)
     rows = {}
     for precision in precisions:

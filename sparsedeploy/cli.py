@@ -322,6 +322,8 @@ def build_command(
     fresh: Annotated[bool, typer.Option("--fresh", help="Re-measure instead of reusing cached measurements.")] = False,
     gguf_type: Annotated[Optional[str], typer.Option(help="gguf target: any llama.cpp type (Q4_K_M, Q5_K_M, Q8_0, F16 ...); "
                                                      "default Q8_0 for int8, Q4_K_M for int4.")] = None,
+    calib: Annotated[Optional[str], typer.Option(help="Calibration text for builds that calibrate (int8, int4): "
+                                                 "canterbury, canterbury-books, file:PATH, hf:NAME; default: the profile's.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
     json_output: JsonFlag = False,
 ) -> None:
@@ -346,7 +348,7 @@ def build_command(
     for name in names:
         destination = (output / name if output is not None else None) if all_targets else output
         request = BuildRequest(name, model, quant, destination, force, dense, windows, runs, fresh,
-                               _gguf_type_for(name, gguf_type) if all_targets else gguf_type)
+                               _gguf_type_for(name, gguf_type) if all_targets else gguf_type, calib)
         if all_targets and quant != "none":
             from sparsedeploy.targets import load_profile
 

@@ -173,6 +173,50 @@ def test_static_int8_refuses_calibration_that_overlaps_the_evaluation_text(works
     assert not (workspace["root"] / "overlap").exists()
 
 
+def test_calib_option_names_the_text_and_its_content_keys_the_cache(built, workspace):
+    """`--calib file:PATH` calibrates on the user's own text; the report names it with its
+    sha256, and editing the file (same name) builds anew instead of reusing the cache."""
+    import hashlib
+
+    from sparsedeploy.data.sources import TEXTS_DIR
+
+    book = (TEXTS_DIR / "canterbury" / "alice29.txt").read_text(encoding="utf-8")
+    text = workspace["root"] / "my-domain.txt"
+    env, model = workspace["env"], str(workspace["pruned"])
+
+    def build_with(content: str, name: str):
+        text.write_text(content, encoding="utf-8")
+        return run_cli("build", "--target", "ort-static", "--model", model, "--quant", "int8", "--calib", f"file:{text}",
+                       "-o", str(workspace["root"] / name), "--json", env=env)
+
+    first = build_with(book[:40_000], "calib-a")
+    assert first.returncode == 0, first.stderr
+    report = json.loads(first.stdout)
+    assert report["artifact"]["calibration"] == {
+        "name": f"file:{text}", "sha256": hashlib.sha256(book[:40_000].encode()).hexdigest(),
+        "nsamples": 4, "seqlen": 32, "seed": 0}
+    assert report["profile"]["build"]["calib"] == f"file:{text}"
+    again = build_with(book[:40_000], "calib-a-again")
+    assert again.returncode == 0 and again.stderr.count("reused from the cache") == 2, again.stderr
+    edited = build_with(book[40_000:80_000], "calib-b")
+    assert edited.returncode == 0, edited.stderr
+    assert "reused from the cache" not in edited.stderr
+    assert json.loads(edited.stdout)["artifact"]["sha256"] != report["artifact"]["sha256"]
+
+    # A float build reads no calibration text: it says so and goes on.
+    unused = run_cli("build", "--target", "onnxruntime", "--model", model, "--calib", "canterbury-books",
+                     "-o", str(workspace["root"] / "calib-fp32"), env=env)
+    assert unused.returncode == 0, unused.stderr
+    assert "--calib canterbury-books is not used: this fp32 build" in unused.stderr
+    # An unknown source fails before anything is built, with one error line.
+    bad = run_cli("build", "--target", "ort-static", "--model", model, "--quant", "int8", "--calib", "my-text",
+                  "-o", str(workspace["root"] / "calib-bad"), env=env)
+    assert bad.returncode == 2, bad.stderr
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "unknown data source 'my-text'" in errors[0], bad.stderr
+    assert "[2/5]" not in bad.stderr and not (workspace["root"] / "calib-bad").exists()
+
+
 def test_deepsparse_build_and_check_through_the_pipeline(workspace):
     from sparsedeploy.backends.deepsparse_cpu import DeepSparseBackend
 

@@ -44,6 +44,7 @@ from sparsedeploy.backends.base import (
     LatencySamples,
     Session,
     Workload,
+    calibration_settings,
     register_backend,
 )
 from sparsedeploy.errors import EXIT_TARGET_UNAVAILABLE, BadInput, SparsedeployError, TargetUnavailable
@@ -128,15 +129,16 @@ class DeepSparseBackend(Backend):
     def build_settings(self, precision: str, workload: Workload, options: dict) -> dict:
         # The artifact has dynamic shapes (engines are compiled for the check's shapes at
         # load time), so the workload is not part of it.
-        # Only what shapes the artifact: the worker's timeout does not, nor does the
-        # calibration text of a float build.
+        # Only what shapes the artifact: the worker's timeout does not; the calibration
+        # text counts for int8 only, as the "calibration" every calibrating build declares.
         relevant = {key: value for key, value in options.items()
-                    if key != "worker_idle_timeout_s" and (precision == "int8" or not key.startswith("calib"))}
+                    if key != "worker_idle_timeout_s" and not key.startswith("calib")}
         settings = {"precision": precision, "options": relevant, "format": ARTIFACT_FORMAT,
                     "export": {"opset": OPSET, "shapes": "dynamic", "latency_graph": LAST_GRAPH}}
         if precision == "int8":
             settings["quantizer"] = QUANT_SCHEME
             settings["smoothquant_alpha"] = smoothquant_alpha(options.get("smoothquant_alpha"))
+            settings["calibration"] = calibration_settings(options)
         return settings
 
     def build(self, inputs: BuildInputs, output_dir: Path) -> BuiltArtifact:

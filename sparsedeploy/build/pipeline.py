@@ -21,7 +21,7 @@ from pathlib import Path
 
 from sparsedeploy import __version__
 from sparsedeploy.atomic import check_output_dir, staged_directory
-from sparsedeploy.backends.base import Backend, BuildInputs, BuiltArtifact, Workload, calibration_settings, get_backend
+from sparsedeploy.backends.base import Backend, BuildInputs, BuiltArtifact, Workload, get_backend
 from sparsedeploy.build import bundle as bundles
 from sparsedeploy.build import cache
 from sparsedeploy.build.measure import (
@@ -72,6 +72,7 @@ class BuildRequest:
     runs: int | None = None  # overrides the profile's timed runs
     fresh: bool = False  # re-measure instead of reusing cached measurements
     gguf_type: str | None = None  # a llama.cpp type for the gguf target (Q4_K_M, Q8_0, ...)
+    calib: str | None = None  # overrides the profile's calibration text ([build] calib)
 
 
 # -- stage helpers ------------------------------------------------------------------
@@ -103,6 +104,8 @@ def choose_precision(profile: TargetProfile, quant: str, implied: str | None = N
 def build_options(profile: TargetProfile, backend: Backend, request: BuildRequest) -> dict:
     """The profile's [build] table, with what the command line adds to it."""
     options = dict(profile.raw.get("build", {}))
+    if request.calib is not None:
+        options["calib"] = request.calib
     if request.gguf_type is not None:
         if "gguf_type" not in backend.command_line_options:
             raise BadInput(f"--gguf-type is for the gguf target (llama.cpp), not '{profile.name}'; drop it or use --target gguf")
@@ -177,29 +180,44 @@ def evaluation_data(profile: TargetProfile, workload: Workload, checkpoint: Chec
     return source, tokenizer, windows
 
 
-def calibration_loader(spec: dict, tokenizer, evaluation_source):
-    """Calibration windows (``spec`` from ``calibration_settings``) for static
-    quantization, smoothing and GPTQ, never from the evaluation text: loaded on the first
-    call only (the sparse and the dense build, and the several steps of one build, read
-    the same windows)."""
+def calibration_text(spec: dict | None, evaluation_source):
+    """The calibration text a build's settings name (None when it calibrates nothing),
+    read up front: a bad source fails before anything is built, and its sha256 goes into
+    the cache key (a ``file:`` text can change under the same name). Never the evaluation
+    text."""
+    if spec is None:
+        return None
+    from sparsedeploy.data.sources import check_disjoint, load_text
+
+    source = load_text(spec["data"])
+    check_disjoint(source, evaluation_source)
+    return source
+
+
+def calibration_loader(spec: dict | None, source, tokenizer):
+    """Calibration windows (``spec`` from ``calibration_settings``, ``source`` from
+    ``calibration_text``) for static quantization, smoothing and GPTQ, tokenized on the
+    first call only (the sparse and the dense build, and the several steps of one build,
+    read the same windows); None when the build calibrates nothing."""
+    if spec is None:
+        return None
 
     @functools.cache
     def load():
-        from sparsedeploy.data.sources import check_disjoint, load_text
         from sparsedeploy.data.windows import calibration_windows, tokenize
 
-        source = load_text(spec["data"])
-        check_disjoint(source, evaluation_source)
         return calibration_windows(tokenize(tokenizer, source), spec["seqlen"], spec["nsamples"], spec["seed"], source.name)
 
     return load
 
 
-def artifact_key(checkpoint_sha: str, profile: TargetProfile, backend: Backend, settings: dict) -> str:
-    return cache.content_key({
-        "checkpoint": checkpoint_sha, "backend": backend.name, "engine": backend.engine_version(),
-        "settings": settings, "stack": cache.stack_versions(),
-    })
+def artifact_key(checkpoint_sha: str, profile: TargetProfile, backend: Backend, settings: dict,
+                 calibration_sha: str | None = None) -> str:
+    fields = {"checkpoint": checkpoint_sha, "backend": backend.name, "engine": backend.engine_version(),
+              "settings": settings, "stack": cache.stack_versions()}
+    if calibration_sha is not None:
+        fields["calibration_sha256"] = calibration_sha
+    return cache.content_key(fields)
 
 
 def measured(key_fields: dict, fresh: bool, compute) -> tuple[dict, str | None]:
@@ -421,18 +439,22 @@ def build(request: BuildRequest) -> tuple[dict, Path]:
     checkpoint_sha = checkpoint_sha256(checkpoint.path)
     dense_sha = checkpoint_sha if dense_checkpoint.path == checkpoint.path else checkpoint_sha256(dense_checkpoint.path)
     data, tokenizer, windows = evaluation_data(profile, workload, checkpoint)
-    # The text the backend's settings (and so the cache key) name, when it names one.
-    calibration = calibration_loader(settings.get("calibration") or calibration_settings(options), tokenizer, data)
+    calibration_spec = settings.get("calibration")
+    calibration_source = calibration_text(calibration_spec, data)
+    calibration_sha = calibration_source.sha256 if calibration_source is not None else None
+    if request.calib is not None and calibration_spec is None:
+        info(f"warning: --calib {request.calib} is not used: this {precision} build for {profile.name} reads no calibration text")
+    calibration = calibration_loader(calibration_spec, calibration_source, tokenizer)
 
     info(f"[2/5] Building {checkpoint.spec} for {profile.name} ({precision}) ...")
-    sparse_key = artifact_key(checkpoint_sha, profile, backend, settings)
+    sparse_key = artifact_key(checkpoint_sha, profile, backend, settings, calibration_sha)
     sparse, hit = cache.cached_artifact(
         sparse_key, lambda out: backend.build(BuildInputs(model, checkpoint_sha, precision, workload, options, calibration,
                                                checkpoint_dir=checkpoint.path), out)
     )
     info(f"      {'reused from the cache' if hit else 'built'}: {sparse.directory}")
     info(f"[3/5] Building the dense baseline {dense_checkpoint.spec} ({precision}) ...")
-    dense_key = artifact_key(dense_sha, profile, backend, settings)
+    dense_key = artifact_key(dense_sha, profile, backend, settings, calibration_sha)
 
     def build_dense(out: Path) -> BuiltArtifact:
         dense_model = model if dense_sha == checkpoint_sha else load_model(dense_checkpoint)
@@ -446,7 +468,7 @@ def build(request: BuildRequest) -> tuple[dict, Path]:
     parameters = stored_parameter_count(checkpoint)
     dense_parameters = parameters if dense_sha == checkpoint_sha else stored_parameter_count(dense_checkpoint)
     inputs = CheckInputs(
-        profile=_profile_as_used(profile, workload), precision=precision, backend=backend, workload=workload,
+        profile=_profile_as_used(profile, workload, options), precision=precision, backend=backend, workload=workload,
         sparse=sparse, dense=dense, sparse_key=sparse_key, dense_key=dense_key,
         reference_model_loader=lambda: model, reference_sha=checkpoint_sha, data=data, windows=windows,
         same_shapes=parameters == dense_parameters, fresh=request.fresh, baselines=baselines,
@@ -470,6 +492,9 @@ def build(request: BuildRequest) -> tuple[dict, Path]:
         bundles.place_tree(checkpoint.path, staging / bundles.REFERENCE_DIR, link=False)
         sparse_in_bundle = BuiltArtifact.from_directory(staging / bundles.ARTIFACT_DIR)
         artifact_info = artifact_summary(sparse_in_bundle, staging)
+        if calibration_spec is not None:
+            artifact_info["calibration"] = {**calibration_source.describe(), **{
+                key: calibration_spec[key] for key in ("nsamples", "seqlen", "seed")}}
         report = compose_report(profile.name, inputs, checkpoint_info, artifact_info, results)
         report["seconds"] = round(time.perf_counter() - started, 1)
         write_report_files(staging, report)
@@ -491,8 +516,10 @@ def stored_parameter_count(checkpoint: Checkpoint) -> int:
     return total
 
 
-def _profile_as_used(profile: TargetProfile, workload: Workload) -> dict:
+def _profile_as_used(profile: TargetProfile, workload: Workload, options: dict | None = None) -> dict:
     used = json.loads(json.dumps(profile.raw))
+    if options is not None:  # with what the command line changed (--calib, --gguf-type)
+        used["build"] = json.loads(json.dumps(options))
     used.setdefault("check", {}).setdefault("quality", {})["windows"] = workload.eval_windows
     used["check"]["quality"]["seqlen"] = workload.eval_seqlen
     used["check"].setdefault("latency", {}).update(

@@ -196,6 +196,7 @@ def test_calib_option_names_the_text_and_its_content_keys_the_cache(built, works
         "name": f"file:{text}", "sha256": hashlib.sha256(book[:40_000].encode()).hexdigest(),
         "nsamples": 4, "seqlen": 32, "seed": 0}
     assert report["profile"]["build"]["calib"] == f"file:{text}"
+    assert f"Calibrated on `file:{text}`" in (workspace["root"] / "calib-a" / "report.md").read_text()
     again = build_with(book[:40_000], "calib-a-again")
     assert again.returncode == 0 and again.stderr.count("reused from the cache") == 2, again.stderr
     edited = build_with(book[40_000:80_000], "calib-b")

@@ -213,6 +213,14 @@ def _baseline_lines(report: dict) -> list[str]:
     return lines
 
 
+def _calibration_lines(calibration: dict | None) -> list[str]:
+    """Which text a calibrating build (smoothing, static INT8, GPTQ) read: never the evaluation text."""
+    if calibration is None:
+        return []
+    return [f"- Calibrated on `{calibration['name']}` (sha256 {calibration['sha256'][:12]}), "
+            f"{calibration['nsamples']} windows x {calibration['seqlen']} tokens, seed {calibration['seed']}"]
+
+
 def render_markdown(report: dict) -> str:
     quality, latency, workload = report["quality"], report["latency"], report["latency"]["workload"]
     checkpoint, artifact = report["checkpoint"], report["artifact"]
@@ -227,6 +235,7 @@ def render_markdown(report: dict) -> str:
         f"- Artifact: `{artifact['path']}`, {artifact['bytes'] / 2**20:.1f} MiB, sparsity measured in the artifact "
         f"{artifact['sparsity']:.2%}, 2:4 compliance {artifact['nm_compliance']['2:4']:.3f}",
         f"- Dense baseline: the source checkpoint built by the same backend at {report['precision']}",
+        *_calibration_lines(artifact.get("calibration")),
         *_tensor_type_lines(artifact.get("details", {})),
         "",
         "## Gates",

@@ -114,6 +114,8 @@ def test_a_bad_profile_value_is_named_with_its_table(tmp_path, tiny_checkpoint):
      "int4_gptq_nsamples in the profile's [build] table must be a whole number >= 1, not 0"),
     ("calib_seqlen = 256", 'calib_seqlen = "long"',
      "calib_seqlen in the profile's [build] table must be a whole number >= 2, not 'long'"),
+    ("int4_block_size = 32", 'int4_block_size = "32"',
+     "int4_block_size in the profile's [build] table must be a whole number >= 2, not '32'"),
 ])
 def test_bad_int4_build_settings_are_one_line_errors(tmp_path, tiny_checkpoint, setting, bad, message):
     targets = tmp_path / "targets"

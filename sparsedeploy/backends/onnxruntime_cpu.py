@@ -72,7 +72,8 @@ class OnnxRuntimeBackend(Backend):
         return onnxruntime.__version__
 
     def build_settings(self, precision: str, workload: Workload, options: dict) -> dict:
-        settings = {"precision": precision, "opset": int(options.get("opset", DEFAULT_OPSET)), "latency_graph": LAST_GRAPH}
+        settings = {"precision": precision, "opset": whole_number(options, "opset", DEFAULT_OPSET, minimum=1),
+                    "latency_graph": LAST_GRAPH}
         if precision == "int8":
             scheme = options.get("int8_scheme", DEFAULT_SCHEMES["int8"])
             if scheme not in INT8_SCHEMES:
@@ -84,7 +85,7 @@ class OnnxRuntimeBackend(Backend):
                 settings["calibration"] = calibration_settings(options)
         elif precision == "int4":
             settings["scheme"] = DEFAULT_SCHEMES["int4"]
-            settings["block_size"] = int(options.get("int4_block_size", DEFAULT_INT4_BLOCK))
+            settings["block_size"] = whole_number(options, "int4_block_size", DEFAULT_INT4_BLOCK, minimum=2)
             settings["gptq"] = int4_gptq(options.get("int4_gptq"))
             if settings["gptq"]:
                 # GPTQ estimates a Hessian per linear (1536 x 1536 for the default model's

@@ -8,7 +8,18 @@ import pytest
 import torch
 
 from sparsedeploy.errors import BadInput
-from sparsedeploy.export.gptq import GPTQ_NSAMPLES, block_grid, gptq_copy, gptq_quantize, grid_mismatch, round_to_nearest
+from sparsedeploy.export.gptq import (
+    CLIP_FACTORS,
+    GPTQ_METHOD,
+    GPTQ_NSAMPLES,
+    block_grid,
+    clipped_block_grid,
+    gptq_copy,
+    gptq_quantize,
+    grid_mismatch,
+    quantize_to_levels,
+    round_to_nearest,
+)
 from sparsedeploy.export.onnx_quantize import dequantize_4bits, pack_4bits
 from sparsedeploy.prune.masks import nm_mask
 from sparsedeploy.prune.patterns import NMPattern, nm_compliance
@@ -97,11 +108,39 @@ def test_gptq_keeps_each_block_scale_and_handles_a_short_last_block_and_dead_inp
     x[:, 7] = 0.0  # an input that never fires
     hessian, _ = hessian_accumulate(None, 0, x)
     new = gptq_quantize(weight, hessian, block_size=16)
-    scales_before, _ = block_grid(weight, 16)
+    # The grid GPTQ chose up front (clipped by diag(H)) is the one the quantizer finds again.
+    chosen, _ = clipped_block_grid(weight, 16, importance=torch.diagonal(hessian))
     scales_after, _ = block_grid(new, 16)
-    assert torch.equal(scales_before, scales_after)
+    assert torch.equal(chosen, scales_after)
     assert np.array_equal(ort_pack(new, 16), new.numpy())
     assert torch.isfinite(new).all()
+
+
+def test_clipped_grid_shrinks_a_scale_only_where_that_rounds_better():
+    g = torch.Generator().manual_seed(6)
+    signs = torch.where(torch.rand(64, 16, generator=g) < 0.5, -1.0, 1.0)
+    # First block: one weight of 1.0 and fifteen of +-0.55, which fall between the levels
+    # of 1.0 / 8 (an error of 0.05 each): clipping the one pays.
+    first = 0.55 * signs
+    first[:, 5] = 1.0
+    # Second block: every weight on a level of its own largest's scale; nothing to gain.
+    second = torch.tensor([0.5, 0.25, -0.25, 0.125]).repeat(64, 4)
+    weight = torch.cat([first, second], dim=1)
+    absmax, pinned = block_grid(weight, 16)
+    clipped, clipped_pinned = clipped_block_grid(weight, 16)
+    assert torch.equal(pinned, clipped_pinned)
+    assert bool((clipped[:, 0].abs() < absmax[:, 0].abs()).all()) and torch.equal(clipped[:, 1], absmax[:, 1])
+    assert min(CLIP_FACTORS) == 0.9 and max(CLIP_FACTORS) == 1.0
+    # Rounding on the clipped grid: less error, and the quantizer reproduces it from the weights.
+    on_clipped = torch.cat([quantize_to_levels(weight[:, :16], clipped[:, 0]), weight[:, 16:]], dim=1)
+    on_clipped[torch.arange(64), pinned[:, 0]] = clipped[:, 0] * -8
+    assert float(((on_clipped - weight) ** 2).sum()) < float(((round_to_nearest(weight, 16) - weight) ** 2).sum())
+    assert grid_mismatch(on_clipped, 16) == 0.0 and np.array_equal(ort_pack(on_clipped, 16), on_clipped.numpy())
+    # An input that carries no energy does not count: its outlier is clipped for free.
+    silent = torch.ones(32)
+    silent[5] = 0.0
+    scales_silent, _ = clipped_block_grid(weight, 16, importance=silent)
+    assert bool((scales_silent[:, 0].abs() <= clipped[:, 0].abs()).all())
 
 
 def test_gptq_does_not_modify_its_inputs():
@@ -156,6 +195,8 @@ def test_int4_gptq_setting_from_the_profile():
     workload = None  # the onnxruntime build settings do not read the workload
     on = backend.build_settings("int4", workload, {})
     assert on["gptq"] is True and on["calibration"]["data"] == "canterbury"
+    # The algorithm is part of the settings, so of the artifact cache key.
+    assert on["gptq_method"] == GPTQ_METHOD
     # GPTQ reads its own, larger number of windows; smoothing for int8 keeps calib_nsamples.
     assert on["calibration"]["nsamples"] == GPTQ_NSAMPLES
     options = {"int4_gptq_nsamples": 32, "calib_nsamples": 8, "calib_seqlen": 64}
@@ -173,9 +214,9 @@ def test_gptq_beats_rounding_on_the_default_model_on_held_out_text(default_check
     the first half of the Canterbury book, follow the float model on WikiText-2 (never
     calibrated on) more closely than plain rounding does; and every linear on its own has a
     smaller output error than rounding on the book's second half, which GPTQ never saw.
-    (Not on WikiText for every linear: there the MLP down projections of layers 3-5 come out
-    1.16-1.18x worse than rounding, a different domain than the calibration text, while the
-    whole model still gains.)"""
+    (Not on WikiText for every linear: there, before GPTQ's scales were clipped, the MLP
+    down projections of layers 3-5 came out 1.16-1.18x worse than rounding, a different
+    domain than the calibration text, while the whole model still gained.)"""
     import copy
 
     from sparsedeploy.checks.quality import evaluate, torch_logits_fn

@@ -28,7 +28,7 @@ from sparsedeploy.backends.base import (
     whole_number,
 )
 from sparsedeploy.errors import BadInput
-from sparsedeploy.export.gptq import GPTQ_NSAMPLES, gptq_copy
+from sparsedeploy.export.gptq import GPTQ_METHOD, GPTQ_NSAMPLES, gptq_copy
 from sparsedeploy.export.last_position import LAST_GRAPH, write_last_position_graph
 from sparsedeploy.export.onnx_decoder import past_dtype
 from sparsedeploy.export.smoothing import smoothed_if_asked, smoothquant_alpha
@@ -92,6 +92,7 @@ class OnnxRuntimeBackend(Backend):
                 # down projections): it needs more tokens than smoothing does.
                 nsamples = whole_number(options, "int4_gptq_nsamples", GPTQ_NSAMPLES, minimum=1)
                 settings["calibration"] = calibration_settings(options, nsamples)
+                settings["gptq_method"] = GPTQ_METHOD
         elif precision != "fp32":
             raise BadInput(f"onnxruntime builds fp32, int8 or int4, not {precision}; pass --quant none, int8 or int4")
         return settings

@@ -9,15 +9,17 @@ moves each column's rounding error onto the columns not yet quantized. Pruned we
 are "quantized" to exactly 0 and their share of the update goes to the kept weights,
 so the sparsity pattern (2:4 included) is unchanged.
 
-The grid is the one ONNX Runtime's symmetric block quantizer derives from the weights
+The grid is one ONNX Runtime's symmetric block quantizer derives from the weights
 themselves: per output channel, blocks of ``block_size`` input columns, scale = the
 block's largest-magnitude value v divided by -8, levels -8..7 times the scale. GPTQ
-fixes every block's scale before it starts, from the weights as they are, and pins the
-weight that defined it to exactly v (= -8 x scale) whatever the updates do to it. Every
-other level has a smaller magnitude or the same value, so when the quantizer later
-recomputes the scale from the GPTQ'd weights it finds the same v, the same scale and
-the same levels: the float checkpoint carries the grid and the quantizer reproduces it
-bit for bit (``grid_mismatch`` checks this, tests compare with ONNX Runtime's packer).
+fixes every block's scale before it starts: v / -8 shrunk by the factor (1 down to 0.9)
+whose rounding error is least (clipping the block's few largest weights buys a finer
+step for all the others), and pins the weight that defined it to exactly -8 x scale
+whatever the updates do to it. Every other level has a smaller magnitude or the same
+value, so when the quantizer later recomputes the scale from the GPTQ'd weights it
+finds that same value, the same scale and the same levels: the float checkpoint carries
+the grid and the quantizer reproduces it bit for bit (``grid_mismatch`` checks this,
+tests compare with ONNX Runtime's packer).
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ DEFAULT_PERCDAMP = 0.01
 # default model, 16 x 256 tokens left the MLP down projections (1536 inputs) of layers 0,
 # 1, 15 1.09-1.34x WORSE than plain rounding on WikiText-2; 64 x 256, 0.78-0.90x.
 GPTQ_NSAMPLES = 64
+# What this module does, in the report and in the build settings (so in the artifact
+# cache key): change the algorithm, change this, and cached GPTQ builds are rebuilt.
+GPTQ_METHOD = ("GPTQ (act-order, per-block scales clipped to x1.0-0.9 by least diag(H)-weighted rounding error, fixed "
+               "up front, pruned zeros kept) on the MatMulNBits grid")
 GPTQ_FIX = "use more calibration text (int4_gptq_nsamples in the profile's [build] table) or set int4_gptq = false"
 
 
@@ -74,6 +80,37 @@ def block_grid(weight: torch.Tensor, block_size: int) -> tuple[torch.Tensor, tor
     return torch.stack(scales, dim=1), torch.stack(columns, dim=1)
 
 
+# Scale shrink factors a block may use (1 = its largest weight at -8 x scale, unclipped).
+# Default model, WikiText-2 4 x 1024 against the float model, GPTQ on 64 x 256 Canterbury
+# tokens, unclipped / 1.0-0.9 / 1.0-0.6: Wanda 2:4 KL 0.125 / 0.119 / 0.128, top-1 0.733 /
+# 0.735 / 0.743, but ppl 206.1 / 213.2 / 237.0 (reference 181.5); dense KL 0.162 / 0.125 /
+# 0.122, top-1 0.780 / 0.807 / 0.800, ppl 26.40 / 25.57 / 25.96 (float 22.98).
+# Deeper clipping helps the dense model and costs the pruned one perplexity: kept at 0.9.
+CLIP_FACTORS = tuple(round(1.0 - 0.02 * step, 2) for step in range(6))
+
+
+def clipped_block_grid(weight: torch.Tensor, block_size: int,
+                       importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``block_grid`` with each scale shrunk by the factor of ``CLIP_FACTORS`` whose
+    rounding error over the block, weighted per input column by ``importance`` [in]
+    (None: uniformly), is least. The pinned column is the same: at -8 x the shrunk scale
+    it is still the block's largest magnitude, so the quantizer finds the same scale."""
+    scales, columns = block_grid(weight, block_size)
+    weights = torch.ones(weight.shape[1], dtype=weight.dtype) if importance is None else importance.to(weight.dtype)
+    factors = torch.tensor(CLIP_FACTORS, dtype=weight.dtype, device=weight.device)
+    chosen = torch.empty_like(scales)
+    for block, start in enumerate(range(0, weight.shape[1], block_size)):
+        values = weight[:, start:start + block_size]
+        column_weights = weights[start:start + block_size].to(weight.device)
+        errors = torch.stack([
+            (((values - quantize_to_levels(values, scales[:, block] * factor)) ** 2) * column_weights).sum(dim=1)
+            for factor in factors
+        ])
+        # argmin takes the first of equal errors: the unclipped scale when clipping gains nothing.
+        chosen[:, block] = scales[:, block] * factors[errors.argmin(dim=0)]
+    return chosen, columns
+
+
 def round_to_nearest(weight: torch.Tensor, block_size: int) -> torch.Tensor:
     """What the quantizer alone makes of ``weight`` [out, in]: each block of
     ``block_size`` input columns rounded on its own scale (the last block may be short:
@@ -96,8 +133,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, block_size: in
 
     Columns are quantized in order of decreasing ``diag(H)`` (GPTQ's act-order: the inputs
     with the most energy first, while the most later columns can still absorb their
-    error). The grid is fixed up front from ``weight`` (static groups), since a block's
-    columns are no longer visited together. On the Wanda 2:4 default model (WikiText-2,
+    error). The grid (``clipped_block_grid``, its rounding error weighted by diag(H)) is
+    fixed up front from ``weight`` (static groups), since a block's columns are no longer
+    visited together. On the Wanda 2:4 default model (WikiText-2,
     4 x 1024, against its float model) act-order took KL from 0.194 to 0.140 and top-1
     from 0.690 to 0.722 over left-to-right order; rounding alone gives 0.446 / 0.557."""
     if weight.dim() != 2:
@@ -114,7 +152,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, block_size: in
     H = hessian.detach().to(device=W.device, dtype=dtype, copy=True)
     if not bool(torch.isfinite(H).all()):
         raise BadInput("GPTQ: the Hessian contains NaN/inf; the calibration activations of this layer overflowed")
-    scales, pinned_columns = block_grid(W, block_size)
+    # The grid in the weight's own dtype: its scales (and so every level times a scale)
+    # are then numbers the quantizer, reading the float32 weights, computes exactly.
+    scales, pinned_columns = clipped_block_grid(weight.detach(), block_size, importance=torch.diagonal(H))
+    scales = scales.to(dtype)
     # An input that never fired carries no information: no update flows through it.
     dead = torch.diagonal(H) == 0
     index = torch.arange(cols, device=W.device)
@@ -206,7 +247,7 @@ def gptq_copy(model: nn.Module, windows: torch.Tensor, block_size: int,
             names.append(linear.name)
         if index + 1 < adapter.num_layers:
             hidden = run_layer(layer.module, hidden, inputs.layer_kwargs[index], device)
-    record = {"method": "GPTQ (act-order, grid fixed per block up front, pruned zeros kept) on the MatMulNBits grid",
+    record = {"method": GPTQ_METHOD,
               "block_size": block_size, "percdamp": percdamp, "linears": len(names),
               "calibration_tokens": int(windows.numel()), "zero_weights_before": zeros_before,
               "zero_weights_after": zeros_after, "seconds": round(time.perf_counter() - started, 1)}

@@ -9,7 +9,7 @@ moves each column's rounding error onto the columns not yet quantized. Pruned we
 are "quantized" to exactly 0 and their share of the update goes to the kept weights,
 so the sparsity pattern (2:4 included) is unchanged.
 
-The grid is one ONNX Runtime's symmetric block quantizer derives from the weights
+The grid has the form ONNX Runtime's symmetric block quantizer derives from the weights
 themselves: per output channel, blocks of ``block_size`` input columns, scale = the
 block's largest-magnitude value v divided by -8, levels -8..7 times the scale. GPTQ
 fixes every block's scale before it starts: v / -8 shrunk by the factor (1 down to 0.9)
@@ -96,12 +96,14 @@ def clipped_block_grid(weight: torch.Tensor, block_size: int,
     (None: uniformly), is least. The pinned column is the same: at -8 x the shrunk scale
     it is still the block's largest magnitude, so the quantizer finds the same scale."""
     scales, columns = block_grid(weight, block_size)
-    weights = torch.ones(weight.shape[1], dtype=weight.dtype) if importance is None else importance.to(weight.dtype)
+    if importance is None:
+        importance = torch.ones(weight.shape[1])
+    importance = importance.to(device=weight.device, dtype=weight.dtype)
     factors = torch.tensor(CLIP_FACTORS, dtype=weight.dtype, device=weight.device)
     chosen = torch.empty_like(scales)
     for block, start in enumerate(range(0, weight.shape[1], block_size)):
         values = weight[:, start:start + block_size]
-        column_weights = weights[start:start + block_size].to(weight.device)
+        column_weights = importance[start:start + block_size]
         errors = torch.stack([
             (((values - quantize_to_levels(values, scales[:, block] * factor)) ** 2) * column_weights).sum(dim=1)
             for factor in factors

